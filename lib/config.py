@@ -1,0 +1,215 @@
+"""One run configuration, shared by notebooks, widgets, jobs, the CLI and launched processes.
+
+Every setting is defined once, below, with its meaning. Papermill parameters,
+widget values, a JSON file and `--set name=value` on the command line all
+become the same `RunConfig`, and `validate()` checks it before anything
+expensive starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TASK_NAMES = ("instruction", "sql", "detox")
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+TARGET_PRESETS = ("all-linear", "attention")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
+class ConfigError(ValueError):
+    """A setting has a value that is not accepted; the message names both and what would be."""
+
+    def __init__(self, setting: str, value: Any, accepted: str):
+        self.setting, self.value, self.accepted = setting, value, accepted
+        super().__init__(f"setting {setting!r} has value {value!r}: expected {accepted}")
+
+
+@dataclass
+class RunConfig:
+    # what to fine-tune, on what
+    task: str = "sql"                     # instruction | sql | detox
+    base_model: str = "embedded"          # "embedded" (SmolLM2-135M-Instruct, offline), a Hub id, or a model directory
+    data: str = "embedded"                # "embedded" (offline generator), "hub" (the task's Hub dataset) or a local file
+    column_map: dict = field(default_factory=dict)  # file column -> task field, when a file uses other column names
+    train_rows: int = 1000                # training rows (generated, or taken from the file or Hub dataset)
+    eval_rows: int = 100                  # held-out rows, disjoint from training, for base vs adapter evaluation
+    seed: int = 42                        # seeds data, split, LoRA initialisation and trainer: same seed, same run
+    # QLoRA: a frozen 4-bit base model plus small trainable low-rank adapters
+    load_in_4bit: bool = True             # NF4 base weights with double quantization; False keeps the base in 16/32 bit
+    lora_r: int = 16                      # adapter rank: higher = more capacity, more memory, bigger adapter
+    lora_alpha: int = 32                  # the adapter's update is scaled by alpha / r
+    lora_dropout: float = 0.05            # dropout on the adapter's input; regularises small data sets
+    target_modules: Any = "all-linear"    # "all-linear", "attention", or linear layer names ("q_proj,v_proj" or a list)
+    # training
+    learning_rate: float = 2e-4           # peak learning rate of the adapter weights
+    lr_scheduler: str = "cosine"          # constant | constant_with_warmup | linear | cosine
+    warmup_ratio: float = 0.05            # share of steps spent warming the learning rate up
+    num_epochs: float = 1.0               # passes over the training rows (ignored when max_steps > 0)
+    max_steps: int = -1                   # > 0: stop after this many optimizer steps (smoke runs, quick demos)
+    batch_size: int = 8                   # packed sequences per process per step
+    grad_accum: int = 1                   # micro-batches summed per optimizer step
+    max_seq_length: int = 512             # tokens per packed sequence; longer examples are truncated
+    packing: bool = True                  # pack several examples into one sequence, attention kept within each example
+    completion_only_loss: bool = True     # learn from the answer tokens only, not from the prompt
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    max_grad_norm: float = 0.3            # gradient clipping, as in the QLoRA paper
+    logging_steps: int = 5                # record the loss every N steps
+    save_steps: int = 50                  # write a resumable checkpoint every N steps
+    # where results go
+    output_dir: str = "runs"              # parent folder of run folders
+    run_name: str = ""                    # run folder under output_dir; "" names it <task>-<date>-<time>
+    overwrite: bool = False               # allow replacing the adapter of an existing run folder
+
+    # ---- building ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunConfig":
+        """A config from a mapping; unknown keys are an error, not silently ignored."""
+        if not isinstance(values, dict):
+            raise ConfigError("config", values, "a mapping of setting names to values")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                raise ConfigError(str(key), values[key], f"a known setting, one of {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "RunConfig":
+        try:
+            values = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ConfigError("config file", str(path), f"a readable JSON file ({error})") from None
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    def with_run_name(self) -> "RunConfig":
+        """The same config with `run_name` fixed, so every process of a run writes to one folder."""
+        if self.run_name:
+            return self
+        return self.replace(run_name=f"{self.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+    @property
+    def run_dir(self) -> Path:
+        if not self.run_name:
+            raise ConfigError("run_name", self.run_name, "a folder name; call with_run_name() first")
+        return Path(self.output_dir) / self.run_name
+
+    def target_module_list(self) -> list[str]:
+        """`target_modules` as a list of names or presets."""
+        if isinstance(self.target_modules, str):
+            return [name.strip() for name in self.target_modules.split(",") if name.strip()]
+        return list(self.target_modules)
+
+    # ---- checking ---------------------------------------------------------------------------
+
+    def validate(self) -> "RunConfig":
+        """Raise ConfigError for the first bad setting; return self so calls can be chained."""
+        _check_choice("task", self.task, TASK_NAMES)
+        _check_text("base_model", self.base_model)
+        _check_data(self.data)
+        _check_column_map(self.column_map)
+        for name in ("train_rows", "eval_rows", "lora_r", "lora_alpha", "batch_size", "grad_accum",
+                     "logging_steps", "save_steps"):
+            _check_int(name, getattr(self, name), low=1)
+        _check_int("seed", self.seed, low=0)
+        _check_int("max_seq_length", self.max_seq_length, low=16, high=131072)
+        _check_int("max_steps", self.max_steps, low=-1)
+        if self.max_steps == 0:
+            raise ConfigError("max_steps", 0, "-1 (train num_epochs) or a positive number of steps")
+        for name in ("load_in_4bit", "packing", "completion_only_loss", "gradient_checkpointing", "overwrite"):
+            _check_bool(name, getattr(self, name))
+        _check_float("lora_dropout", self.lora_dropout, low=0.0, high=0.9)
+        _check_float("learning_rate", self.learning_rate, low=1e-8, high=1.0)
+        _check_float("warmup_ratio", self.warmup_ratio, low=0.0, high=0.5)
+        _check_float("num_epochs", self.num_epochs, low=0.01, high=1000.0)
+        _check_float("max_grad_norm", self.max_grad_norm, low=0.0, high=1e6)
+        _check_choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        _check_targets(self.target_modules)
+        _check_text("output_dir", self.output_dir)
+        _check_run_name(self.run_name)
+        return self
+
+
+def _check_text(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(name, value, "a non-empty string")
+    if "\x00" in value or "\n" in value:
+        raise ConfigError(name, value, "a string without NUL or newline characters")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(name, value, f"one of {', '.join(choices)}")
+
+
+def _check_int(name: str, value: Any, low: int, high: int = 10**9) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(name, value, f"an integer from {low} to {high}")
+
+
+def _check_float(name: str, value: Any, low: float, high: float) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not low <= value <= high:
+        raise ConfigError(name, value, f"a number from {low:g} to {high:g}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(name, value, "true or false")
+
+
+def _check_data(value: Any) -> None:
+    _check_text("data", value)
+    if value in ("embedded", "hub"):
+        return
+    path = Path(value)
+    if path.suffix.lower() not in DATA_FILE_SUFFIXES:
+        raise ConfigError("data", value, f"'embedded', 'hub' or a file ending in {', '.join(DATA_FILE_SUFFIXES)}")
+    if not path.is_file():
+        raise ConfigError("data", value, "an existing file (this one is missing)")
+
+
+def _check_column_map(value: Any) -> None:
+    ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) and k and v
+                                         for k, v in value.items())
+    if not ok:
+        raise ConfigError("column_map", value, "a mapping of file column names to task field names")
+
+
+def _check_targets(value: Any) -> None:
+    accepted = f"{' or '.join(TARGET_PRESETS)}, or linear layer names separated by commas"
+    if isinstance(value, str):
+        names = [name.strip() for name in value.split(",") if name.strip()]
+    elif isinstance(value, (list, tuple)) and all(isinstance(name, str) for name in value):
+        names = [name.strip() for name in value if name.strip()]
+    else:
+        raise ConfigError("target_modules", value, accepted)
+    if not names:
+        raise ConfigError("target_modules", value, accepted)
+    presets = [name for name in names if name in TARGET_PRESETS]
+    if presets and len(names) > 1:
+        raise ConfigError("target_modules", value, f"a preset ({presets[0]}) alone, not mixed with layer names")
+    for name in names:
+        if not name.replace("_", "").replace(".", "").replace("-", "").isalnum():
+            raise ConfigError("target_modules", value, accepted)
+
+
+def _check_run_name(value: Any) -> None:
+    if not isinstance(value, str):
+        raise ConfigError("run_name", value, "a folder name (a string)")
+    if value and (value in (".", "..") or "/" in value or "\\" in value or "\x00" in value or len(value) > 200):
+        raise ConfigError("run_name", value, "a plain folder name without slashes, at most 200 characters")

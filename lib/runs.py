@@ -1,0 +1,120 @@
+"""The run folder: its layout, its checks, and writes that never leave a half-written file behind.
+
+    runs/<run_name>/
+        run_config.json    the settings the run started with (a rerun must match them to resume)
+        checkpoints/       resumable trainer checkpoints
+        adapter/           the finished adapter + tokenizer + run_record.json (appears complete or not at all)
+        run_record.json    config, metrics, loss history, timings, versions
+        metrics.json       base vs adapter evaluation
+        *.png              loss curve and metric chart
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from lib.config import ConfigError, RunConfig
+
+ADAPTER, CHECKPOINTS = "adapter", "checkpoints"
+RUN_CONFIG, RUN_RECORD, METRICS = "run_config.json", "run_record.json", "metrics.json"
+STAGING_PREFIX = ".staging-"
+# Settings that may differ between an interrupted run and the rerun that resumes it.
+RESUMABLE_CHANGES = ("overwrite",)
+
+
+def write_json_atomic(path: Path, content) -> None:
+    """Write JSON to a temporary file beside `path`, flush it to disk, then rename it into place."""
+    path = Path(path)
+    staging = path.with_name(f"{STAGING_PREFIX}{os.getpid()}-{path.name}")
+    with staging.open("w", encoding="utf-8") as handle:
+        json.dump(content, handle, indent=2, default=str)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(staging, path)
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def check_run_dir(config: RunConfig) -> None:
+    """Refuse before any work: an adapter that would be overwritten, or a folder holding another run."""
+    run_dir = config.run_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError("run_name", config.run_name, f"a folder name; {run_dir} is an existing file")
+    has_adapter = (run_dir / ADAPTER).exists() or any(run_dir.glob(f"{STAGING_PREFIX}retired-*-{ADAPTER}"))
+    if has_adapter and not config.overwrite:
+        raise ConfigError("overwrite", config.overwrite,
+                          f"True to replace the finished adapter in {run_dir / ADAPTER}, or another run_name")
+    saved = run_dir / RUN_CONFIG
+    if saved.is_file():
+        differences = _differences(read_json(saved), config.to_dict())
+        if differences:
+            raise ConfigError("run_name", config.run_name,
+                              f"a new run name: {run_dir} holds a run with other settings ({differences}); "
+                              "rerun with the same settings to resume it")
+    _check_writable(Path(config.output_dir))
+
+
+def _differences(saved: dict, current: dict) -> str:
+    changed = [f"{key}: {saved.get(key)!r} there, {current.get(key)!r} now" for key in sorted(current)
+               if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key)]
+    return "; ".join(changed)
+
+
+def _check_writable(output_dir: Path) -> None:
+    existing = output_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError("output_dir", str(output_dir), f"a writable folder ({existing} is not writable)")
+
+
+def start_run_dir(config: RunConfig) -> Path:
+    """Create the run folder and record its settings; clear staging left by a killed process."""
+    run_dir = config.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _restore_retired_adapter(run_dir)
+    for leftover in run_dir.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    write_json_atomic(run_dir / RUN_CONFIG, config.to_dict())
+    return run_dir
+
+
+def _restore_retired_adapter(run_dir: Path) -> None:
+    """A process killed between the two renames of `publish_dir` left the old adapter retired: put it back."""
+    retired = sorted(run_dir.glob(f"{STAGING_PREFIX}retired-*-{ADAPTER}"))
+    if retired and not (run_dir / ADAPTER).exists():
+        os.rename(retired[-1], run_dir / ADAPTER)
+
+
+def last_checkpoint(run_dir: Path) -> str | None:
+    """The newest complete trainer checkpoint of an interrupted run, or None."""
+    checkpoints = [path for path in (run_dir / CHECKPOINTS).glob("checkpoint-*")
+                   if path.name.split("-")[-1].isdigit() and (path / "trainer_state.json").is_file()]
+    if not checkpoints:
+        return None
+    return str(max(checkpoints, key=lambda path: int(path.name.split("-")[-1])))
+
+
+def publish_dir(staging: Path, target: Path) -> None:
+    """Move a fully written folder into place; an existing one is replaced only after the new one is there."""
+    _fsync_tree(staging)
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    retired = target.with_name(f"{STAGING_PREFIX}retired-{os.getpid()}-{target.name}")
+    os.rename(target, retired)
+    os.rename(staging, target)
+    shutil.rmtree(retired)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
