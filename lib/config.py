@@ -22,6 +22,14 @@ TARGET_PRESETS = ("all-linear", "attention")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 
 
+# Each task's measured default recipe (docs/QUALITY.md): only what differs from RunConfig's defaults.
+TASK_RECIPES = {
+    "sql": dict(train_rows=600, max_seq_length=256, batch_size=2, learning_rate=5e-4),
+    "instruction": dict(train_rows=600, max_seq_length=256, batch_size=2, learning_rate=5e-4),
+    "detox": dict(train_rows=600, max_seq_length=256, batch_size=2, learning_rate=5e-4),
+}
+
+
 class ConfigError(ValueError):
     """A setting has a value that is not accepted; the message names both and what would be."""
 
@@ -78,6 +86,20 @@ class RunConfig:
             if key not in known:
                 raise ConfigError(str(key), values[key], f"a known setting, one of {sorted(known)}")
         return cls(**values)
+
+    @classmethod
+    def for_task(cls, task: str, **overrides) -> "RunConfig":
+        """The task's default recipe, with `overrides` on top."""
+        if task not in TASK_RECIPES:
+            raise ConfigError("task", task, f"one of {', '.join(TASK_NAMES)}")
+        return cls.from_dict({"task": task, **TASK_RECIPES[task], **overrides})
+
+    @classmethod
+    def from_namespace(cls, namespace: dict) -> "RunConfig":
+        """A config from the settings found in a namespace, e.g. a notebook's `globals()` after its
+        parameters cell; names that are not settings are left alone."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls.from_dict({name: value for name, value in namespace.items() if name in known})
 
     @classmethod
     def from_json(cls, path: str | Path) -> "RunConfig":

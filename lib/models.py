@@ -144,6 +144,7 @@ def load_tokenizer(model_path: str):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer.clean_up_tokenization_spaces = False  # BPE decoding must give back the exact text
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

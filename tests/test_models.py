@@ -1,0 +1,91 @@
+"""Base model resolution (embedded, Hub id, local directory), 4-bit loading, LoRA targets, token agreement."""
+
+import pytest
+
+from lib import models
+from lib.config import ConfigError
+from lib.tasks import TASKS
+
+
+@pytest.fixture(scope="module")
+def embedded_dir():
+    return models.resolve_base_model("embedded")
+
+
+def test_embedded_model_is_a_converted_checkpoint(embedded_dir):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(embedded_dir)
+    assert (config.model_type, config.hidden_size, config.num_hidden_layers) == ("llama", 576, 30)
+    assert models.embedded_model_dir() == models.embedded_model_dir()  # cached, converted once
+
+
+def test_local_directory_is_used_as_is(embedded_dir):
+    assert models.resolve_base_model(embedded_dir) == embedded_dir
+
+
+def test_directory_without_config_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="config.json"):
+        models.resolve_base_model(str(tmp_path))
+
+
+def test_missing_local_path_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="existing model directory"):
+        models.resolve_base_model(str(tmp_path / "nope"))
+
+
+def test_hub_id_offline_fails_at_once_naming_the_default(monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as error:
+        models.resolve_base_model("bigscience/bloom-1b1")
+    assert time.monotonic() - started < 5
+    message = str(error.value)
+    assert "bigscience/bloom-1b1" in message and "cannot be reached" in message and "'embedded'" in message
+
+
+def test_hub_unreachable_without_offline_flag(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # nothing listens: refused at once
+    assert models.hub_reachable(timeout=2) is False
+
+
+def test_target_presets_and_unknown_names(embedded_dir):
+    all_linear = models.resolve_target_modules(["all-linear"], embedded_dir)
+    assert set(all_linear) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert models.resolve_target_modules(["attention"], embedded_dir) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    with pytest.raises(ConfigError) as error:
+        models.resolve_target_modules(["q_proj", "query_key_value"], embedded_dir)
+    assert "query_key_value" in str(error.value) and "gate_proj" in str(error.value)
+
+
+def test_4bit_nf4_double_quant_loads_on_cpu(embedded_dir):
+    import bitsandbytes as bnb
+    import torch
+
+    model = models.load_base_model(embedded_dir, load_in_4bit=True)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, bnb.nn.Linear4bit)
+    assert layer.weight.quant_state.quant_type == "nf4" and layer.weight.quant_state.nested
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_quantization_switch_off():
+    assert models.quantization_config(False) is None
+    config = models.quantization_config(True)
+    assert config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
+
+
+@pytest.mark.parametrize("task_name", sorted(TASKS))
+def test_inference_prompt_tokens_are_a_prefix_of_training_tokens(embedded_dir, task_name):
+    """The prompt used at inference must tokenize exactly as the start of the training text."""
+    task = TASKS[task_name]
+    tokenizer = models.load_tokenizer(embedded_dir)
+    for row in task.generate(200, seed=11):
+        prompt_ids = tokenizer(task.prompt(row)).input_ids
+        text_ids = tokenizer(task.text(row)).input_ids
+        assert text_ids[:len(prompt_ids)] == prompt_ids, task.prompt(row)
