@@ -1,0 +1,350 @@
+"""Distributed QLoRA fine-tuning: rank 0 on this machine, the other ranks on CML Workers or local processes.
+
+From a notebook or a job:
+    from lib.launcher import launch
+    result = launch(RunConfig(task="sql", max_steps=50), num_workers=2)  # None: NUM_GPU_WORKERS from the environment
+    result.adapter_dir, result.record["world_size"], result.logs[1]
+From a shell (same settings as lib.train, plus the launch's own):
+    NUM_GPU_WORKERS=2 python -m lib.launcher --task sql --set max_steps=50 [--backend local] [--evaluate]
+
+What happens: the config gets its run name and is validated, with the run folder and the base
+model, before anything starts. Every process reads one config file,
+`<run_dir>/launch/run.json`; every worker gets its own accelerate config rendered from
+accelerate_configs/ (`<run_dir>/launch/accelerate-<rank>.yaml`: machine rank, main address and
+port, number of machines and processes) and runs
+`python -m accelerate.commands.launch --config_file <it> -m lib.train --config <run.json>`.
+Rank 0 runs here; the others run through a worker backend (lib.workers): CML Workers when
+`cml.workers_v1` (or `cdsw`) imports, else separate process trees on this host, each its own
+machine rank over 127.0.0.1. Each worker's output goes to `<run_dir>/logs/worker-<rank>.log`
+(rank 0's is echoed here too). If a worker fails, or the workers do not meet within
+`join_timeout_s`, every worker is stopped and LaunchError names the rank and shows its log's end.
+Only rank 0 writes the adapter and the run record (lib.fine_tuner). Secrets such as HF_TOKEN stay
+in the environment: nothing here writes them to a file or a command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import socket
+import string
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lib import runs
+from lib.config import ConfigError, RunConfig
+from lib.workers import REPO_ROOT, start_local, worker_backend
+
+ACCELERATE_CONFIGS = REPO_ROOT / "accelerate_configs"
+WORKERS_VARIABLE = "NUM_GPU_WORKERS"
+LAUNCH, LOGS = "launch", "logs"  # run-folder subfolders: what every process reads; what every worker printed
+POLL_S = 0.5                     # how often the workers' states are checked
+LOG_TAIL_LINES = 40              # lines of a failed worker's log shown in LaunchError
+
+
+@dataclass
+class LaunchResult:
+    run_dir: Path
+    adapter_dir: Path
+    record: dict               # the run record rank 0 wrote (world_size, rank_shares, metrics, ...)
+    logs: dict[int, Path]      # rank -> that worker's log
+
+
+class LaunchError(RuntimeError):
+    """A worker failed or did not join in time; names its rank and ends with the tail of its log."""
+
+    def __init__(self, rank: int, reason: str, log_path: Path):
+        self.rank, self.reason, self.log_path = rank, reason, log_path
+        super().__init__(f"worker rank {rank} {reason}; every worker of the run was stopped.\n"
+                         f"--- last lines of {log_path} ---\n{log_tail(log_path)}")
+
+
+def workers_from_env(value: str | None = None) -> int:
+    """The number of workers from NUM_GPU_WORKERS (or `value`, read the same way)."""
+    value = os.environ.get(WORKERS_VARIABLE) if value is None else value
+    accepted = f"a whole number of workers, 1 or more (e.g. {WORKERS_VARIABLE}=2)"
+    if value is None:
+        raise ConfigError(WORKERS_VARIABLE, None, f"{accepted}; the environment variable is not set")
+    text = str(value).strip()
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(WORKERS_VARIABLE, value, accepted)
+    return int(text)
+
+
+# ---- accelerate configs ---------------------------------------------------------------------------
+
+def accelerate_templates() -> list[str]:
+    """Names of the templates in accelerate_configs/."""
+    return sorted(path.stem for path in ACCELERATE_CONFIGS.glob("*.yaml"))
+
+
+def render_accelerate_config(template: str, path, **values) -> Path:
+    """Fill a template of accelerate_configs/ (a name such as "multi_cpu", or a file) with `values`, each
+    written as a JSON literal, and write it to `path`: a file for `accelerate launch --config_file`."""
+    source = Path(template) if Path(template).suffix == ".yaml" else ACCELERATE_CONFIGS / f"{template}.yaml"
+    if not source.is_file():
+        raise ConfigError("template", template, f"one of {', '.join(accelerate_templates())}, or a .yaml file")
+    text = string.Template(source.read_text(encoding="utf-8"))
+    wanted = set(text.get_identifiers())
+    if set(values) != wanted:
+        raise ConfigError("values", sorted(values), f"exactly the placeholders of {source.name}: {sorted(wanted)}")
+    for name, value in values.items():
+        if not isinstance(value, (bool, int, str)):
+            raise ConfigError(name, value, "a number, true/false or a string")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.substitute({name: json.dumps(value) for name, value in values.items()}), encoding="utf-8")
+    return path
+
+
+def topology_template(num_workers: int, processes_per_worker: int, use_gpu: bool) -> str:
+    """The accelerate_configs/ template for a run's shape."""
+    if num_workers * processes_per_worker == 1:
+        return "single_process"
+    if not use_gpu:
+        return "multi_cpu"
+    return "multi_gpu" if num_workers == 1 else "multi_machine"
+
+
+def worker_values(template: str, rank: int, num_workers: int, processes_per_worker: int, main_address: str,
+                  main_port: int, use_gpu: bool, shares_host: bool) -> dict:
+    """The values of worker `rank`'s accelerate config. shares_host: all workers run on this host, so
+    each gets its own GPUs."""
+    if template == "single_process":
+        return {"use_cpu": not use_gpu}
+    if template == "multi_gpu":
+        return {"num_processes": processes_per_worker, "main_process_port": main_port}
+    values = {"machine_rank": rank, "num_machines": num_workers, "num_processes": num_workers * processes_per_worker,
+              "main_process_ip": main_address, "main_process_port": main_port}
+    if template == "multi_machine":
+        first = rank * processes_per_worker
+        values["gpu_ids"] = ",".join(map(str, range(first, first + processes_per_worker))) if shares_host else "all"
+    return values
+
+
+def accelerate_argv(accelerate_config: Path, run_json: Path, join_timeout_s: float) -> list[str]:
+    """The arguments after `python` for one worker; the static rendezvous waits join_timeout_s for all machines."""
+    return ["-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
+            "--rdzv_conf", f"timeout={math.ceil(join_timeout_s)}",
+            "-m", "lib.train", "--config", str(run_json)]
+
+
+# ---- the launch ---------------------------------------------------------------------------------
+
+def launch(config: RunConfig, num_workers: int | None = None, backend="auto", *, join_timeout_s: float = 300,
+           processes_per_worker: int = 1, echo: bool = True) -> LaunchResult:
+    """Train `config` on `num_workers` workers of `processes_per_worker` processes each (one per GPU).
+
+    backend: "auto", "local", "cml", or a backend object (lib.workers). join_timeout_s: how long
+    the workers may take to meet, and to finish once one has finished. echo: copy rank 0's log here.
+    """
+    num_workers = workers_from_env() if num_workers is None else _count("num_workers", num_workers)
+    _count("processes_per_worker", processes_per_worker)
+    if isinstance(join_timeout_s, bool) or not isinstance(join_timeout_s, (int, float)) or not join_timeout_s >= 1:
+        raise ConfigError("join_timeout_s", join_timeout_s, "a number of seconds, 1 or more")
+    config = _with_absolute_paths(config.validate().with_run_name()).validate()
+    runs.check_run_dir(config)
+    from lib.models import resolve_base_model
+
+    resolve_base_model(config.base_model)  # fails offline for a Hub id; converts the embedded model once, not per rank
+    workers_backend = worker_backend(backend)
+    main_address = workers_backend.main_address() if num_workers > 1 else "127.0.0.1"
+    use_gpu, shares_host = _has_gpu(), workers_backend.shares_host
+    template = topology_template(num_workers, processes_per_worker, use_gpu)
+
+    run_json = write_run_config(config)
+    main_port = free_port()
+    argv, logs = {}, {}
+    for rank in range(num_workers):
+        values = worker_values(template, rank, num_workers, processes_per_worker, main_address, main_port,
+                               use_gpu, shares_host)
+        accelerate_config = render_accelerate_config(template, config.run_dir / LAUNCH / f"accelerate-{rank}.yaml",
+                                                     **values)
+        argv[rank] = accelerate_argv(accelerate_config, run_json, join_timeout_s)
+        logs[rank] = new_log(config.run_dir / LOGS / f"worker-{rank}.log")
+    print(f"launching {num_workers} worker(s) x {processes_per_worker} process(es) with {template}.yaml "
+          f"({workers_backend.name} backend); logs in {config.run_dir / LOGS}", flush=True)
+    gpus = processes_per_worker if use_gpu else 0
+    failure = run_workers(workers_backend, argv, logs, gpus, join_timeout_s, echo,
+                          host_processes=processes_per_worker * (num_workers if shares_host else 1))
+    if failure:
+        raise LaunchError(failure[0].rank, failure[1], failure[0].log_path)
+    return _result(config.run_dir, logs)
+
+
+def run_workers(workers_backend, argv: dict[int, list[str]], logs: dict[int, Path], gpus: int,
+                join_timeout_s: float, echo: bool, host_processes: int):
+    """Start rank 0 here and the others through the backend, wait, and stop them all whatever happens;
+    (worker, reason) for a failure, or None. gpus: per worker; host_processes: training processes on this host."""
+    local_env = _local_env(host_processes)
+    remote_env = local_env if workers_backend.shares_host else {"PYTHONUNBUFFERED": "1"}
+    workers = []
+    try:
+        workers.append(start_local(0, argv[0], local_env, logs[0]))
+        for rank in sorted(argv)[1:]:
+            workers.append(workers_backend.start(rank, argv[rank], remote_env, logs[rank],
+                                                 join_timeout_s=join_timeout_s, gpus=gpus))
+        return wait_for_workers(workers, join_timeout_s, echo)
+    finally:
+        for worker in workers:
+            worker.stop()
+
+
+def write_run_config(config: RunConfig) -> Path:
+    """The config file every process of the run reads."""
+    run_json = config.run_dir / LAUNCH / "run.json"
+    run_json.parent.mkdir(parents=True, exist_ok=True)
+    config.to_json(run_json)
+    return run_json
+
+
+def new_log(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+def _result(run_dir: Path, logs: dict[int, Path]) -> LaunchResult:
+    record_path = run_dir / runs.RUN_RECORD
+    if not record_path.is_file():
+        raise LaunchError(0, f"finished without writing {record_path}", logs[0])
+    return LaunchResult(run_dir=run_dir, adapter_dir=run_dir / runs.ADAPTER, record=runs.read_json(record_path),
+                        logs=logs)
+
+
+def _count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(name, value, "a whole number, 1 or more")
+    return value
+
+
+def _with_absolute_paths(config: RunConfig) -> RunConfig:
+    """The config with its paths absolute: workers start in the repository root, not in the caller's folder."""
+    changes = {"output_dir": str(Path(config.output_dir).expanduser().resolve())}
+    if config.data not in ("embedded", "hub"):
+        changes["data"] = str(Path(config.data).resolve())
+    if Path(config.base_model).expanduser().is_dir():
+        changes["base_model"] = str(Path(config.base_model).expanduser().resolve())
+    return config.replace(**changes)
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for rank 0's rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
+
+
+def _local_env(host_processes: int) -> dict[str, str]:
+    """Additions to the environment of processes started on this host: CPU threads shared out among
+    the run's processes here (unless OMP_NUM_THREADS is set already), unbuffered output for the logs."""
+    env = {"PYTHONUNBUFFERED": "1"}
+    if "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        env["OMP_NUM_THREADS"] = str(max(1, cores // host_processes))
+    return env
+
+
+def wait_for_workers(workers: list, join_timeout_s: float, echo: bool):
+    """Wait until every worker has finished; (worker, reason) for the first failure, or None."""
+    follower = LogFollower(workers[0].log_path) if echo else None
+    finished_at = None
+    try:
+        while True:
+            codes = {worker.rank: worker.exit_code() for worker in workers}
+            failed = [worker for worker in workers if codes[worker.rank] not in (None, 0)]
+            if failed:
+                # Rank 0 mostly fails because another rank went away; the other rank's log says why.
+                culprit = min(failed, key=lambda worker: (worker.rank == 0, worker.rank))
+                return culprit, _failure_reason(culprit, codes[culprit.rank], failed)
+            running = [worker for worker in workers if codes[worker.rank] is None]
+            if not running:
+                return None
+            if len(running) < len(workers):
+                finished_at = finished_at or time.monotonic()
+                if time.monotonic() - finished_at > join_timeout_s:
+                    return running[0], f"was still running {join_timeout_s:g} s after another worker had finished"
+            if follower:
+                follower.echo()
+            time.sleep(POLL_S)
+    finally:
+        if follower:
+            follower.echo()
+
+
+def _failure_reason(worker, code: int, failed: list) -> str:
+    reason = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    if worker.failure:
+        reason += f" ({worker.failure})"
+    others = [str(other.rank) for other in failed if other is not worker]
+    return reason + (f"; rank(s) {', '.join(others)} failed too" if others else "")
+
+
+class LogFollower:
+    """Copies what a log file gains to stdout."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset = path, 0
+
+    def echo(self) -> None:
+        try:
+            with open(self.path, "rb") as log:
+                log.seek(self.offset)
+                new = log.read()
+        except FileNotFoundError:
+            return
+        self.offset += len(new)
+        if new:
+            sys.stdout.write(new.decode(errors="replace"))
+            sys.stdout.flush()
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return "(no log: the worker never started)"
+    return "\n".join(text.rstrip().splitlines()[-lines:]) or "(empty log)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lib.train import evaluate_run, parse_config
+
+    parser = argparse.ArgumentParser(prog="python -m lib.launcher", description=__doc__.split("\n")[0],
+                                     epilog="Other arguments are those of python -m lib.train.")
+    parser.add_argument("--workers", help=f"number of workers (default: ${WORKERS_VARIABLE})")
+    parser.add_argument("--processes-per-worker", type=int, default=1, help="one per GPU of a worker")
+    parser.add_argument("--backend", default="auto", choices=("auto", "local", "cml"))
+    parser.add_argument("--join-timeout", type=float, default=300, help="seconds the workers may take to meet")
+    args, rest = parser.parse_known_args(argv)
+    try:
+        config, evaluate = parse_config(rest)
+        result = launch(config, workers_from_env(args.workers), args.backend, join_timeout_s=args.join_timeout,
+                        processes_per_worker=args.processes_per_worker)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if evaluate:
+        from lib.data import load_splits
+        from lib.evaluation import comparison_table
+        from lib.models import resolve_base_model
+
+        config = RunConfig.from_dict(result.record["config"])
+        report = evaluate_run(config, load_splits(config)[1], resolve_base_model(config.base_model))
+        print(comparison_table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

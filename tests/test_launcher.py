@@ -1,0 +1,270 @@
+"""Tests of lib.launcher: accelerate config templates, NUM_GPU_WORKERS, and real distributed runs on this host.
+
+Run: python -m pytest tests/test_launcher.py
+
+The distributed tests start real `accelerate launch` process trees: two machine ranks on
+127.0.0.1 over gloo, training the embedded model for a few steps (about a minute each on two
+cores); one successful run is shared by several tests. The CML test talks to a local stand-in
+of `cml.workers_v1` (tests/cml_standin) that starts real worker processes.
+"""
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from accelerate.commands.config.config_args import load_config_from_file
+
+from lib.config import ConfigError, RunConfig
+from lib.launcher import (LaunchError, accelerate_templates, launch, render_accelerate_config, topology_template,
+                          worker_values, workers_from_env)
+from lib.workers import REPO_ROOT, CmlWorkers, LocalProcess, LocalWorkers, worker_backend
+
+TINY = dict(task="sql", max_steps=3, train_rows=32, eval_rows=4, max_seq_length=128, batch_size=2)
+SECRET = "hf_launcher_test_secret_value"
+STANDIN = Path(__file__).parent / "cml_standin"
+FAILURE_BOUND_S = 120  # a failed run must be over (every process gone) within this
+
+
+def run_processes(folder: Path) -> list[psutil.Process]:
+    """Processes started for runs under `folder` (their command lines name its files), wherever they were reparented."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if str(folder) in " ".join(process.info["cmdline"] or []):
+            found.append(process)
+    return found
+
+
+# ---- one successful two-worker run, shared ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_worker_run(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_TOKEN", SECRET)
+        started = time.monotonic()
+        result = launch(RunConfig(**TINY, output_dir=str(output_dir)), num_workers=2, backend="local",
+                        join_timeout_s=120, echo=False)
+    return result, time.monotonic() - started
+
+
+def test_two_local_workers_train_one_adapter_with_world_size_two(two_worker_run):
+    result, seconds = two_worker_run
+    record = result.record
+    assert record["world_size"] == 2
+    assert [share["rank"] for share in record["rank_shares"]] == [0, 1]
+    assert all(share["batches_per_epoch"] > 0 for share in record["rank_shares"])
+    assert record["global_step"] == 3
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    assert sorted(result.logs) == [0, 1] and all(log.stat().st_size > 0 for log in result.logs.values())
+    print(f"two-worker run: {seconds:.0f} s")
+
+
+def test_only_rank_zero_writes_outputs(two_worker_run):
+    result, _ = two_worker_run
+    adapters = [path for path in result.run_dir.rglob("adapter_config.json") if "checkpoints" not in path.parts]
+    assert adapters == [result.adapter_dir / "adapter_config.json"]
+    assert "trained sql adapter" in result.logs[0].read_text()
+    assert "trained sql adapter" not in result.logs[1].read_text()
+
+
+def test_every_worker_is_its_own_machine_rank_on_loopback(two_worker_run):
+    result, _ = two_worker_run
+    configs = [load_config_from_file(str(result.run_dir / "launch" / f"accelerate-{rank}.yaml")) for rank in (0, 1)]
+    assert [config.machine_rank for config in configs] == [0, 1]
+    assert {(config.num_machines, config.num_processes, config.main_process_ip, config.rdzv_backend)
+            for config in configs} == {(2, 2, "127.0.0.1", "static")}
+    assert len({config.main_process_port for config in configs}) == 1
+
+
+def test_secrets_stay_out_of_the_run_folder(two_worker_run):
+    result, _ = two_worker_run
+    for path in result.run_dir.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_the_adapter_loads_and_evaluates(two_worker_run):
+    from lib.data import load_splits
+    from lib.evaluation import Evaluator
+    from lib.models import resolve_base_model
+    from lib.tasks import get_task
+
+    result, _ = two_worker_run
+    config = RunConfig.from_dict(result.record["config"])
+    evaluator = Evaluator(resolve_base_model(config.base_model), config.load_in_4bit)
+    evaluator.attach("sql", result.adapter_dir)
+    task, rows = get_task("sql"), load_splits(config)[1][:2]
+    # The adapter's answers only: the base model's would double the time and test nothing of the launch.
+    answers = evaluator.answers(task, rows, adapter="sql", progress=False)
+    scores = task.score(answers, rows)
+    assert len(answers) == 2 and task.headline_metric in scores
+
+
+# ---- failures ---------------------------------------------------------------------------------
+
+def test_a_killed_worker_ends_the_run_and_leaves_no_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    outcome = {}
+
+    def run():
+        try:
+            launch(RunConfig(**TINY, output_dir=str(tmp_path)), 2, "local", join_timeout_s=120, echo=False)
+        except Exception as error:  # handed to the test thread
+            outcome["error"] = error
+
+    started = time.monotonic()
+    thread = threading.Thread(target=run)
+    thread.start()
+    victim = None
+    while victim is None and thread.is_alive() and time.monotonic() - started < FAILURE_BOUND_S:
+        victim = next((process for process in run_processes(tmp_path) if _is_rank_one_trainer(process)), None)
+        time.sleep(0.2)
+    assert victim is not None, "rank 1's training process never appeared"
+    assert all(SECRET not in " ".join(process.info["cmdline"] or []) for process in psutil.process_iter(["cmdline"]))
+    environment = victim.environ()  # the environment is passed through, threads shared out among the workers
+    assert environment["HF_TOKEN"] == SECRET
+    assert environment["OMP_NUM_THREADS"] == str(max(1, len(psutil.Process().cpu_affinity()) // 2))
+    victim.kill()
+    thread.join(FAILURE_BOUND_S)
+    seconds = time.monotonic() - started
+
+    assert not thread.is_alive(), "launch did not return after a worker was killed"
+    error = outcome["error"]
+    assert isinstance(error, LaunchError) and error.rank == 1
+    assert "worker rank 1" in str(error) and "worker-1.log" in str(error)
+    assert "SIGKILL" in str(error)  # the end of rank 1's log: torchrun's report of the killed process
+    assert seconds < FAILURE_BOUND_S
+    assert run_processes(tmp_path) == []
+    assert psutil.Process().children(recursive=True) == []
+    print(f"killed-worker run over after {seconds:.0f} s")
+
+
+def _is_rank_one_trainer(process: psutil.Process) -> bool:
+    try:
+        return "lib.train" in process.cmdline() and "accelerate-1.yaml" in " ".join(process.parent().cmdline())
+    except (psutil.NoSuchProcess, AttributeError):
+        return False
+
+
+class NeverJoins(LocalWorkers):
+    """Ranks 1.. start a process that never joins the rendezvous."""
+
+    def start(self, rank, argv, env, log_path, **_):
+        return LocalProcess(rank, ["-c", "import time; time.sleep(600)"], env, log_path)
+
+
+def test_a_worker_that_never_joins_ends_the_run_after_the_join_timeout(tmp_path):
+    started = time.monotonic()
+    with pytest.raises(LaunchError) as error:
+        launch(RunConfig(**TINY, output_dir=str(tmp_path)), 2, NeverJoins(), join_timeout_s=3, echo=False)
+    assert error.value.rank == 0 and "waiting for clients" in str(error.value)
+    assert time.monotonic() - started < 60
+    assert run_processes(tmp_path) == [] and psutil.Process().children(recursive=True) == []
+
+
+def test_bad_settings_fail_before_anything_starts(tmp_path):
+    with pytest.raises(ConfigError, match="batch_size"):
+        launch(RunConfig(**{**TINY, "batch_size": 0}, output_dir=str(tmp_path)), 2, "local")
+    with pytest.raises(ConfigError, match="backend"):
+        launch(RunConfig(**TINY, output_dir=str(tmp_path)), 2, "slurm")
+    with pytest.raises(ConfigError, match="num_workers"):
+        launch(RunConfig(**TINY, output_dir=str(tmp_path)), 0, "local")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- the CML backend, against a stand-in for the service --------------------------------------
+
+@pytest.fixture
+def cml_standin(monkeypatch):
+    monkeypatch.syspath_prepend(str(STANDIN))
+    monkeypatch.chdir(REPO_ROOT)  # the stand-in resolves scripts against the project root, like CML
+    monkeypatch.setenv("CDSW_IP_ADDRESS", "127.0.0.1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two "machines" share this host's cores
+    import cml.workers_v1
+
+    yield cml.workers_v1
+    for name in ("cml.workers_v1", "cml"):
+        sys.modules.pop(name, None)
+
+
+def test_cml_backend_starts_the_other_ranks_as_cml_workers(cml_standin, tmp_path):
+    backend = worker_backend("auto")
+    assert isinstance(backend, CmlWorkers)
+    result = launch(RunConfig(**{**TINY, "max_steps": 1}, output_dir=str(tmp_path)), 2, backend,
+                    join_timeout_s=120, echo=False)
+    assert result.record["world_size"] == 2 and result.adapter_dir.is_dir()
+    launched = cml_standin.stop_workers()  # every worker the launcher asked for, now finished
+    assert [(worker["script"], worker["status"], worker["nvidia_gpu"]) for worker in launched] == [
+        ("lib/worker_entry.py", "succeeded", 0)]
+    assert "Packing train dataset" in result.logs[1].read_text()  # written by worker_entry on the "worker"
+    assert run_processes(tmp_path) == []
+
+
+def test_cml_backend_needs_this_engines_address(cml_standin, monkeypatch, tmp_path):
+    monkeypatch.delenv("CDSW_IP_ADDRESS")
+    with pytest.raises(ConfigError, match="CDSW_IP_ADDRESS"):
+        launch(RunConfig(**TINY, output_dir=str(tmp_path)), 2, "cml")
+
+
+# ---- accelerate config templates --------------------------------------------------------------
+
+SHAPES = [(1, 1, False), (1, 2, False), (2, 1, False), (1, 1, True), (1, 2, True), (2, 2, True)]
+
+
+def test_every_template_serves_a_run_shape():
+    assert {topology_template(*shape) for shape in SHAPES} == set(accelerate_templates())
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: "workers={}-processes={}-gpu={}".format(*shape))
+def test_every_template_renders_to_a_config_accelerate_loads(shape, tmp_path):
+    num_workers, processes_per_worker, use_gpu = shape
+    template = topology_template(*shape)
+    assert (REPO_ROOT / "accelerate_configs" / f"{template}.yaml").read_text().startswith("# ")
+    rank = num_workers - 1
+    values = worker_values(template, rank, num_workers, processes_per_worker, "10.0.0.5", 29555, use_gpu,
+                           shares_host=True)
+    config = load_config_from_file(str(render_accelerate_config(template, tmp_path / "rendered.yaml", **values)))
+    assert config.num_processes == num_workers * processes_per_worker
+    assert config.use_cpu is (not use_gpu)
+    if num_workers > 1:
+        assert (config.machine_rank, config.num_machines, config.main_process_ip, config.main_process_port) == (
+            rank, num_workers, "10.0.0.5", 29555)
+    if template == "multi_machine":
+        assert config.gpu_ids == "2,3"  # rank 1's two GPUs when workers share a host
+
+
+def test_rendered_values_stay_values(tmp_path):
+    values = worker_values("multi_cpu", 0, 2, 1, "10.0.0.5\nuse_cpu: false", 29555, False, True)
+    config = load_config_from_file(str(render_accelerate_config("multi_cpu", tmp_path / "x.yaml", **values)))
+    assert config.main_process_ip == "10.0.0.5\nuse_cpu: false" and config.use_cpu is True
+
+
+def test_rendering_names_what_is_missing_or_unknown(tmp_path):
+    with pytest.raises(ConfigError, match="main_process_port"):
+        render_accelerate_config("multi_gpu", tmp_path / "x.yaml", num_processes=2)
+    with pytest.raises(ConfigError, match="single_process"):
+        render_accelerate_config("no_such_topology", tmp_path / "x.yaml")
+
+
+# ---- NUM_GPU_WORKERS --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", [None, "abc", "0", "-1", "1.5", ""])
+def test_workers_from_env_rejects_anything_but_a_positive_whole_number(value, monkeypatch):
+    monkeypatch.delenv("NUM_GPU_WORKERS", raising=False)
+    if value is not None:
+        monkeypatch.setenv("NUM_GPU_WORKERS", value)
+    with pytest.raises(ConfigError) as error:
+        workers_from_env()
+    message = str(error.value)
+    assert "NUM_GPU_WORKERS" in message and repr(value) in message and "1 or more" in message
+    if value is None:
+        assert "not set" in message
+
+
+def test_workers_from_env_reads_the_variable_or_a_given_value(monkeypatch):
+    monkeypatch.setenv("NUM_GPU_WORKERS", "2")
+    assert workers_from_env() == 2
+    assert workers_from_env(" 3 ") == 3
