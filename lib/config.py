@@ -20,13 +20,17 @@ TASK_NAMES = ("instruction", "sql", "detox")
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 TARGET_PRESETS = ("all-linear", "attention")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+ATTENTIONS = ("auto", "varlen", "sdpa", "eager")
+OPTIMIZERS = ("auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit")
+SWITCHES = ("auto", "on", "off")
 
 
 # Each task's measured default recipe (docs/QUALITY.md): only what differs from RunConfig's defaults.
 TASK_RECIPES = {
-    "sql": dict(train_rows=600, max_seq_length=256, batch_size=2, learning_rate=5e-4),
-    "instruction": dict(train_rows=600, max_seq_length=256, batch_size=2, learning_rate=5e-4),
-    "detox": dict(train_rows=600, max_seq_length=256, batch_size=2, learning_rate=5e-4),
+    "sql": dict(train_rows=500, max_seq_length=256, batch_size=2, learning_rate=1e-3),
+    "instruction": dict(train_rows=500, max_seq_length=256, batch_size=2, learning_rate=1e-3),
+    "detox": dict(train_rows=500, max_seq_length=256, batch_size=2, learning_rate=1e-3),
 }
 
 
@@ -65,7 +69,11 @@ class RunConfig:
     max_seq_length: int = 512             # tokens per packed sequence; longer examples are truncated
     packing: bool = True                  # pack several examples into one sequence, attention kept within each example
     completion_only_loss: bool = True     # learn from the answer tokens only, not from the prompt
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    gradient_checkpointing: Any = "auto"  # auto (on with CUDA) | true | false: recompute activations, less memory
+    precision: str = "auto"               # auto (bf16 if supported, else fp16 GPU/fp32 CPU) | bf16 | fp16 | fp32
+    attention: str = "auto"               # auto (varlen flash kernel on CUDA, else sdpa/eager) | varlen | sdpa | eager
+    optimizer: str = "auto"               # auto (fused AdamW on GPU, AdamW on CPU) or one of OPTIMIZERS
+    liger_kernel: str = "auto"            # auto (on with CUDA + liger-kernel) | on | off: fused norm/RoPE/SwiGLU
     max_grad_norm: float = 0.3            # gradient clipping, as in the QLoRA paper
     logging_steps: int = 5                # record the loss every N steps
     save_steps: int = 50                  # write a resumable checkpoint every N steps
@@ -152,14 +160,20 @@ class RunConfig:
         _check_int("max_steps", self.max_steps, low=-1)
         if self.max_steps == 0:
             raise ConfigError("max_steps", 0, "-1 (train num_epochs) or a positive number of steps")
-        for name in ("load_in_4bit", "packing", "completion_only_loss", "gradient_checkpointing", "overwrite"):
+        for name in ("load_in_4bit", "packing", "completion_only_loss", "overwrite"):
             _check_bool(name, getattr(self, name))
+        if self.gradient_checkpointing != "auto":
+            _check_bool("gradient_checkpointing", self.gradient_checkpointing)
         _check_float("lora_dropout", self.lora_dropout, low=0.0, high=0.9)
         _check_float("learning_rate", self.learning_rate, low=1e-8, high=1.0)
         _check_float("warmup_ratio", self.warmup_ratio, low=0.0, high=0.5)
         _check_float("num_epochs", self.num_epochs, low=0.01, high=1000.0)
         _check_float("max_grad_norm", self.max_grad_norm, low=0.0, high=1e6)
         _check_choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("attention", self.attention, ATTENTIONS)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("liger_kernel", self.liger_kernel, SWITCHES)
         _check_targets(self.target_modules)
         _check_text("output_dir", self.output_dir)
         _check_run_name(self.run_name)

@@ -11,6 +11,7 @@ class decides what to train on, where results go, and what is recorded.
 
 from __future__ import annotations
 
+import importlib.util
 import platform
 import resource
 import sys
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lib import runs
+from lib.attention import keeps_packed_examples_apart
 from lib.config import RunConfig
 from lib.data import load_splits, to_prompt_completion
 from lib.models import compute_dtype, load_base_model, load_tokenizer, resolve_base_model, resolve_target_modules
@@ -33,9 +35,12 @@ class TrainResult:
 
 
 class FineTuner:
-    def __init__(self, config: RunConfig):
+    def __init__(self, config: RunConfig, train_dataset: list[dict] | None = None):
+        """`train_dataset`: pre-tokenized rows ({"input_ids": [...]}, e.g. fixed-length token blocks for
+        benchmarks) to train on instead of the task's data."""
         self.config = config.validate().with_run_name()
         self.task = get_task(self.config.task)
+        self.train_dataset = train_dataset
         self.trainer = None
 
     # ---- setup: everything that can fail on bad input happens before the run folder exists ----
@@ -45,9 +50,13 @@ class FineTuner:
         runs.check_run_dir(config)
         self.model_path = resolve_base_model(config.base_model)
         self.target_modules = resolve_target_modules(config.target_module_list(), self.model_path)
-        self.train_rows, self.eval_rows = load_splits(config)
+        if self.train_dataset is None:
+            self.train_rows, self.eval_rows = load_splits(config)
+        else:
+            self.train_rows, self.eval_rows = self.train_dataset, []
         self.tokenizer = load_tokenizer(self.model_path)
-        model = load_base_model(self.model_path, config.load_in_4bit)
+        model = load_base_model(self.model_path, config.load_in_4bit, attention=config.attention,
+                                precision=config.precision)
         self.trainer = self._build_trainer(model)
         if self.trainer.is_world_process_zero():
             runs.start_run_dir(config)
@@ -57,9 +66,14 @@ class FineTuner:
         from datasets import Dataset
         from trl import SFTTrainer
 
-        dataset = Dataset.from_list(to_prompt_completion(self.train_rows, self.task))
-        return SFTTrainer(model=model, args=self._training_args(), train_dataset=dataset,
-                          processing_class=self.tokenizer, peft_config=self._lora_config())
+        rows = to_prompt_completion(self.train_rows, self.task) if self.train_dataset is None else self.train_dataset
+        trainer = SFTTrainer(model=model, args=self._training_args(model), train_dataset=Dataset.from_list(rows),
+                             processing_class=self.tokenizer, peft_config=self._lora_config())
+        if trainer.args.fp16:  # fp16 loss scaling unscales fp32 gradients only; TRL casts 4-bit adapters to bf16
+            for parameter in trainer.model.parameters():
+                if parameter.requires_grad:
+                    parameter.data = parameter.data.float()
+        return trainer
 
     def _lora_config(self):
         from peft import LoraConfig
@@ -68,11 +82,11 @@ class FineTuner:
         return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=self.target_modules, bias="none", task_type="CAUSAL_LM")
 
-    def _training_args(self):
+    def _training_args(self, model):
         import torch
         from trl import SFTConfig
 
-        config, dtype, on_gpu = self.config, compute_dtype(), torch.cuda.is_available()
+        config, dtype, on_gpu = self.config, compute_dtype(self.config.precision), torch.cuda.is_available()
         return SFTConfig(
             output_dir=str(config.run_dir / runs.CHECKPOINTS),
             per_device_train_batch_size=config.batch_size,
@@ -83,12 +97,14 @@ class FineTuner:
             num_train_epochs=config.num_epochs,
             max_steps=config.max_steps,
             max_grad_norm=config.max_grad_norm,
-            gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing=on_gpu if config.gradient_checkpointing == "auto" else config.gradient_checkpointing,
             bf16=dtype == torch.bfloat16,
             fp16=dtype == torch.float16,
             use_cpu=not on_gpu,
-            optim="adamw_torch_fused" if on_gpu else "adamw_torch",
-            packing=config.packing,
+            optim=optimizer_name(config.optimizer, on_gpu),
+            use_liger_kernel=liger_enabled(config.liger_kernel, on_gpu),
+            # packed examples share a row: only models that read position_ids keep them apart (not bloom)
+            packing=config.packing and keeps_packed_examples_apart(model),
             max_length=config.max_seq_length,
             completion_only_loss=config.completion_only_loss,
             logging_steps=config.logging_steps,
@@ -166,6 +182,19 @@ class FineTuner:
         share = {"rank": accelerator.process_index, "batches_per_epoch": batches,
                  "sequences_per_epoch": batches * self.config.batch_size}
         return sorted(gather_object([share]), key=lambda item: item["rank"])
+
+
+def optimizer_name(optimizer: str, on_gpu: bool) -> str:
+    if optimizer != "auto":
+        return optimizer
+    return "adamw_torch_fused" if on_gpu else "adamw_torch"
+
+
+def liger_enabled(liger_kernel: str, on_gpu: bool) -> bool:
+    """Liger's Triton kernels run on CUDA only; "auto" turns them on where they can run."""
+    if liger_kernel != "auto":
+        return liger_kernel == "on"
+    return on_gpu and importlib.util.find_spec("liger_kernel") is not None
 
 
 def loss_history(log_history: list[dict]) -> list[dict]:

@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
+from lib import attention as varlen_attention
+from lib.attention import VARLEN
 from lib.config import ConfigError
 
 EMBEDDED = "embedded"
@@ -113,10 +115,13 @@ def _in_hub_cache(repo_id: str) -> bool:
     return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
-def compute_dtype():
-    """bf16 where the hardware runs it natively, else fp16 on older GPUs, fp32 on CPUs without bf16."""
+def compute_dtype(precision: str = "auto"):
+    """The dtype of `precision`; "auto": bf16 where the hardware runs it natively, else fp16 on older GPUs,
+    fp32 on CPUs without bf16."""
     import torch
 
+    if precision != "auto":
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if _cpu_has_bf16() else torch.float32
@@ -130,14 +135,14 @@ def _cpu_has_bf16() -> bool:
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
-def quantization_config(load_in_4bit: bool):
-    """The QLoRA recipe: NF4 weights, double quantization of the scales, compute in `compute_dtype()`."""
+def quantization_config(load_in_4bit: bool, precision: str = "auto"):
+    """The QLoRA recipe: NF4 weights, double quantization of the scales, compute in `compute_dtype(precision)`."""
     if not load_in_4bit:
         return None
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype())
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype(precision))
 
 
 def load_tokenizer(model_path: str):
@@ -150,14 +155,33 @@ def load_tokenizer(model_path: str):
     return tokenizer
 
 
-def load_base_model(model_path: str, load_in_4bit: bool, device_map=None):
-    """The base model, 4-bit quantized when asked, on `device_map` (default: this process's device)."""
+def load_base_model(model_path: str, load_in_4bit: bool, device_map=None, attention: str = "auto",
+                    precision: str = "auto"):
+    """The base model, 4-bit quantized when asked, on `device_map` (default: this process's device), with the
+    attention kernel `attention_implementation` picks."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=compute_dtype(), quantization_config=quantization_config(load_in_4bit),
-        device_map=device_map or {"": process_device()}, attn_implementation="sdpa",
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=compute_dtype(precision), quantization_config=quantization_config(load_in_4bit, precision),
+        device_map=device_map or {"": process_device()},
+        attn_implementation=None if attention in ("auto", VARLEN) else attention,  # None: sdpa, else eager
     )
+    chosen = attention_implementation(attention, model)
+    if chosen != model.config._attn_implementation:
+        model.set_attn_implementation(chosen)
+    return model
+
+
+def attention_implementation(requested: str, model) -> str:
+    """The attention kernel for `model`: `requested`, or for "auto" varlen flash attention on CUDA where the
+    model's attention allows it (packed batches cost only their examples' lengths), else what it was
+    loaded with (sdpa, or eager for models without sdpa such as bloom)."""
+    fits = varlen_attention.suits(model)
+    if requested == VARLEN and not fits:
+        raise ConfigError("attention", requested, "auto, sdpa or eager: this model's attention cannot use varlen")
+    if requested == VARLEN or (requested == "auto" and fits and varlen_attention.flash_varlen_available()):
+        return varlen_attention.register()
+    return model.config._attn_implementation
 
 
 def process_device():

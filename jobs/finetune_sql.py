@@ -1,0 +1,17 @@
+"""CML Job: fine-tune the English-to-SQL adapter by running notebooks/02_english_to_sql.ipynb headless.
+
+    python jobs/finetune_sql.py                          # the project's demo (./dev.sh demo), task recipe defaults
+    python jobs/finetune_sql.py --set max_steps=20 --run-name sql-quick
+    QLORA_MAX_STEPS=20 python jobs/finetune_sql.py       # how a CML Job passes settings
+    python jobs/finetune_sql.py --help                   # every parameter with its default and meaning
+
+Writes a new folder under runs/ with the executed notebook, the adapter, the run record, metrics
+and plots; exits non-zero with the failing cell's error. Details: jobs/run_notebook.py.
+"""
+
+import sys
+
+from run_notebook import run_job
+
+if __name__ == "__main__":
+    sys.exit(run_job("02_english_to_sql.ipynb", sys.argv[1:]))
