@@ -29,7 +29,7 @@ SWITCHES = ("auto", "on", "off")
 # Each task's measured default recipe (docs/QUALITY.md): only what differs from RunConfig's defaults.
 TASK_RECIPES = {
     "sql": dict(train_rows=500, max_seq_length=256, batch_size=2, learning_rate=1e-3),
-    "instruction": dict(train_rows=500, max_seq_length=256, batch_size=2, learning_rate=1e-3),
+    "instruction": dict(train_rows=1200, max_seq_length=256, batch_size=2, learning_rate=1e-3),
     "detox": dict(train_rows=500, max_seq_length=256, batch_size=2, learning_rate=1e-3),
 }
 
