@@ -1,0 +1,159 @@
+"""Benchmark: training speed of the project's path (FineTuner -> SFTTrainer) per configuration, and Unsloth's.
+
+One architecture per call, every configuration in its own process, one card (lib/benchmark.py says what is
+measured and how; CONFIGS there names the configurations):
+    python jobs/benchmark.py --arch llama-1b --configs seed,default,b16-varlen-ckpt --out docs/benchmarks.json
+    python jobs/benchmark.py --arch llama-1b --configs unsloth-b16 --unsloth-path /tmp/site-unsloth --out rows.json
+The table and the chart from the collected rows:
+    python jobs/benchmark.py --report docs/benchmarks.json --chart docs/benchmark_tokens_per_s.png
+Loss of the seed's settings against the defaults on the embedded model (CPU is fine), plotted:
+    python jobs/benchmark.py --loss-curves docs/loss_seed_vs_default.png
+CPU smoke run (what tests/test_benchmark.py does):
+    python jobs/benchmark.py --arch tiny-llama --configs default --steps 2 --warmup 1 --seq-len 64 --out /tmp/rows.json
+
+The model is built once per architecture with random weights under --model-dir and loaded by path with
+4-bit quantization, like any checkpoint. Rows are merged into --out after every configuration, so a
+configuration that runs out of time or memory leaves the others' rows (and its own failure row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lib import benchmark  # noqa: E402
+
+
+def parse_args(argv: list[str] | None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", choices=sorted(benchmark.ARCHITECTURES))
+    parser.add_argument("--configs", default="seed,default",
+                        help=f"comma-separated, from: {', '.join([*benchmark.CONFIGS, *benchmark.UNSLOTH_CONFIGS])}")
+    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per block")
+    parser.add_argument("--steps", type=int, default=6, help="measured optimizer steps")
+    parser.add_argument("--warmup", type=int, default=2, help="optimizer steps left out of the timing")
+    parser.add_argument("--timeout", type=int, default=240, help="seconds per configuration")
+    parser.add_argument("--model-dir", help="where the random model is built (default: a folder under /tmp)")
+    parser.add_argument("--unsloth-path", help="site folder holding Unsloth and its pins, for unsloth-* configs")
+    parser.add_argument("--out", help="JSON file of rows; this run's rows replace earlier ones of the same key")
+    parser.add_argument("--report", help="print the markdown table of this JSON file of rows")
+    parser.add_argument("--chart", help="with --report: also draw the tokens/s chart to this PNG")
+    parser.add_argument("--loss-curves", help="plot seed settings vs defaults on the embedded model to this PNG")
+    parser.add_argument("--build", action="store_true", help=argparse.SUPPRESS)  # internal: build the model
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one configuration here
+    parser.add_argument("--row-file", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def run_worker(args) -> int:
+    """In the configuration's own process: train, measure, write the row."""
+    run = benchmark.run_unsloth if args.worker in benchmark.UNSLOTH_CONFIGS else benchmark.run_project
+    with tempfile.TemporaryDirectory(prefix="bench-run-") as output_dir:
+        row = run(args.arch, args.worker, args.model_dir, args.seq_len, args.steps, args.warmup, output_dir)
+    Path(args.row_file).write_text(json.dumps(row), encoding="utf-8")
+    return 0
+
+
+def child(args, extra: list[str], env: dict | None = None, timeout: int | None = None):
+    command = [sys.executable, str(Path(__file__).resolve()), "--arch", args.arch, "--seq-len", str(args.seq_len),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--model-dir", args.model_dir, *extra]
+    return subprocess.run(command, env=env, timeout=timeout, capture_output=True, text=True, cwd=ROOT)
+
+
+def run_config(args, config: str) -> dict:
+    """One configuration in a child process, with a time limit; a failure becomes a row saying why."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if config in benchmark.UNSLOTH_CONFIGS:
+        if not args.unsloth_path:
+            return benchmark.failed_row(args.arch, config, args.seq_len, "skipped", "no --unsloth-path given")
+        env.update(PYTHONPATH=f"{args.unsloth_path}:{ROOT}", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    with tempfile.NamedTemporaryFile(suffix=".json") as row_file:
+        try:
+            done = child(args, ["--worker", config, "--row-file", row_file.name], env, args.timeout)
+        except subprocess.TimeoutExpired as error:
+            tail = (error.stdout or b"")[-1000:] + (error.stderr or b"")[-2000:]
+            return benchmark.failed_row(args.arch, config, args.seq_len, "timeout",
+                                        tail.decode(errors="replace") if isinstance(tail, bytes) else tail)
+        log = done.stdout[-1000:] + done.stderr[-3000:]
+        if done.returncode != 0:
+            status = "out of memory" if "OutOfMemoryError" in log or "out of memory" in log else "failed"
+            return benchmark.failed_row(args.arch, config, args.seq_len, status, log)
+        return json.loads(Path(row_file.name).read_text(encoding="utf-8"))
+
+
+def save_rows(path: str, rows: list[dict]) -> None:
+    out = Path(path)
+    existing = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else []
+    out.write_text(json.dumps(benchmark.merge_rows(existing, rows), indent=1) + "\n", encoding="utf-8")
+
+
+def plot_loss_curves(path: str) -> int:
+    from lib import plots
+
+    with tempfile.TemporaryDirectory(prefix="bench-loss-") as output_dir:
+        curves = benchmark.loss_curves(output_dir)
+    (seed_name, seed), (other_name, other) = curves.items()
+    figure = plots.loss_curve(seed, None, title="embedded model, sql task: seed settings vs defaults",
+                              others={other_name: other})
+    axes = figure.axes[0]
+    axes.lines[0].set_label(seed_name)  # loss_curve calls the first curve "this run"
+    axes.legend()
+    figure.savefig(path)
+    for name, history in curves.items():
+        print(name, " ".join(f"{point['loss']:.3f}" for point in history))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.report:
+        rows = json.loads(Path(args.report).read_text(encoding="utf-8"))
+        print(benchmark.markdown_table(rows))
+        if args.chart:
+            benchmark.chart(rows, args.chart)
+        return 0
+    if args.loss_curves:
+        return plot_loss_curves(args.loss_curves)
+    if args.arch is None:
+        print("error: --arch is required (or --report)", file=sys.stderr)
+        return 2
+    args.model_dir = args.model_dir or str(Path(tempfile.gettempdir()) / "qlora-bench" / args.arch)
+    if args.build:
+        benchmark.build_random_model(args.arch, args.model_dir)
+        return 0
+    if args.worker:
+        return run_worker(args)
+    configs = [name.strip() for name in args.configs.split(",") if name.strip()]
+    unknown = [name for name in configs if name not in benchmark.CONFIGS and name not in benchmark.UNSLOTH_CONFIGS]
+    if unknown:
+        print(f"error: unknown configurations {unknown}", file=sys.stderr)
+        return 2
+    if not (Path(args.model_dir) / "config.json").is_file():
+        built = child(args, ["--build"])
+        if built.returncode != 0:
+            print(built.stderr[-3000:], file=sys.stderr)
+            return 1
+    rows = []
+    for config in configs:
+        rows.append(run_config(args, config))
+        row = rows[-1]
+        print(f"{args.arch} {config}: {row['status']} {row.get('tokens_per_s')} tokens/s, "
+              f"peak {row.get('peak_mem_gib')} GiB, mfu {row.get('mfu')}", flush=True)
+        if row["status"] != "ok":
+            print(row.get("log_tail", "")[-1500:], flush=True)
+        if args.out:
+            save_rows(args.out, [row])
+    print(benchmark.markdown_table(rows))
+    return 0 if all(row["status"] == "ok" for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

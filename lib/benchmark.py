@@ -1,0 +1,364 @@
+"""Training speed of the project's own path (FineTuner -> SFTTrainer) on randomly initialised models of real shapes.
+
+Speed does not depend on the weight values, so a model built from its architecture's config (nothing to
+download) trained on fixed-length blocks of random token ids measures what users pay for. Each
+configuration runs in its own process (a clean GPU and a clean peak-memory count) for `warmup + steps`
+optimizer steps and gives one row:
+
+    tokens_per_s   tokens per optimizer step / median seconds per step, warm-up steps left out
+    s_per_step     median seconds per optimizer step (all micro-batches, the optimizer, the data loader)
+    peak_mem_gib   torch.cuda.max_memory_allocated over the whole process (model load included);
+                   on CPU the process's peak resident memory
+    mfu            model FLOPs per second / the card's dense bf16 peak (PEAK_FLOPS, datasheet)
+
+Model FLOPs per token, QLoRA with a frozen base (`model_flops_per_token`):
+    4·N + 6·N_lora + 6·L·s·d
+N is the number of weights used in matrix products (every linear layer, the output head included; the
+embedding lookup is not a product): 2·N forward and 2·N backward for the input gradients, no weight
+gradients. LoRA's N_lora weights take the usual 6·N_lora. Causal attention over s tokens costs 2·s·d per
+token and layer forward (QK^T and AV, half the square), twice that backward. Recomputation by gradient
+checkpointing is not counted: MFU is useful work, so checkpointing lowers it.
+
+The Unsloth reference (`run_unsloth`) trains the same model, blocks, LoRA rank and targets with
+Unsloth's FastLanguageModel in a separate process (Unsloth patches transformers when imported).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+from lib.config import RunConfig
+
+# Real architectures, by shape; "tiny-*" are for tests on CPU.
+ARCHITECTURES = {
+    "llama-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192, head_dim=64,
+                     tie_word_embeddings=True, max_position_embeddings=131072, rope_theta=500000.0),
+    "bloom-1b1": dict(model_type="bloom", vocab_size=250880, hidden_size=1536, n_layer=24, n_head=16,
+                      tie_word_embeddings=True),
+    "tiny-llama": dict(model_type="llama", vocab_size=512, hidden_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                       tie_word_embeddings=True),
+    "tiny-bloom": dict(model_type="bloom", vocab_size=512, hidden_size=64, n_layer=2, n_head=4,
+                       tie_word_embeddings=True),
+}
+
+# Dense bf16/fp16 tensor-core peak from the datasheets (SXM parts), by a name fragment of the card.
+PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+
+# The seed AMP's training settings, written as project settings.
+SEED = dict(precision="fp16", attention="eager", optimizer="paged_adamw_32bit", liger_kernel="off",
+            batch_size=1, grad_accum=4, gradient_checkpointing=False)
+# The step-by-step changes that led from the seed to the defaults.
+FAST = dict(precision="bf16", optimizer="adamw_torch_fused", liger_kernel="off", grad_accum=1,
+            gradient_checkpointing=False)
+CONFIGS = {
+    "seed": SEED,
+    "bf16": {**SEED, "precision": "bf16"},
+    "bf16-sdpa": {**SEED, "precision": "bf16", "attention": "sdpa"},
+    "b4-sdpa-packed": {**FAST, "attention": "sdpa", "batch_size": 4},
+    "b4-varlen": {**FAST, "attention": "varlen", "batch_size": 4},
+    "b4-varlen-liger": {**FAST, "attention": "varlen", "batch_size": 4, "liger_kernel": "on"},
+    "b8-varlen-ckpt": {**FAST, "attention": "varlen", "batch_size": 8, "gradient_checkpointing": True},
+    "b16-varlen-ckpt": {**FAST, "attention": "varlen", "batch_size": 16, "gradient_checkpointing": True},
+    "b16-varlen-ckpt-liger": {**FAST, "attention": "varlen", "batch_size": 16, "gradient_checkpointing": True,
+                              "liger_kernel": "on"},
+    "b32-varlen-ckpt-liger": {**FAST, "attention": "varlen", "batch_size": 32, "gradient_checkpointing": True,
+                              "liger_kernel": "on"},
+    "b16-varlen-ckpt-liger-nodrop": {**FAST, "attention": "varlen", "batch_size": 16,
+                                     "gradient_checkpointing": True, "liger_kernel": "on", "lora_dropout": 0.0},
+    # bloom: ALiBi attention is eager only and cannot keep packed examples apart (packing turns itself off)
+    "b4": {**FAST, "batch_size": 4},
+    "b8-ckpt": {**FAST, "batch_size": 8, "gradient_checkpointing": True},
+    "b16-ckpt": {**FAST, "batch_size": 16, "gradient_checkpointing": True},
+    "b32-ckpt": {**FAST, "batch_size": 32, "gradient_checkpointing": True},
+    "default": {},  # RunConfig's defaults
+}
+# Unsloth's recommended fast path: its gradient checkpointing, LoRA dropout 0; batch size per name.
+UNSLOTH_CONFIGS = {"unsloth-b8": 8, "unsloth-b16": 16, "unsloth-b32": 32, "unsloth-b64": 64}
+REQUIRED_KEYS = ("card", "date", "arch", "config", "gpus", "seq_len", "tokens_per_s", "peak_mem_gib", "mfu")
+
+
+def settings(arch: str, config: str, model_dir: str, seq_len: int, max_steps: int, output_dir: str) -> RunConfig:
+    """The RunConfig of one benchmark configuration: same model, data and LoRA (r=16 on the attention
+    projections) for every configuration; the configuration's overrides on top of RunConfig's defaults."""
+    return RunConfig(base_model=model_dir, target_modules="attention", lora_r=16, lora_alpha=32,
+                     max_seq_length=seq_len, max_steps=max_steps, logging_steps=1, save_steps=10**6,
+                     output_dir=output_dir, run_name=f"{arch}-{config}", overwrite=True, **CONFIGS[config])
+
+
+def build_random_model(arch: str, model_dir: str | Path) -> Path:
+    """A randomly initialised model of `arch` in bf16 with a tokenizer covering its vocabulary, saved to
+    `model_dir` so the FineTuner (and Unsloth) load it by path like any checkpoint."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(ARCHITECTURES[arch])
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(model_dir)
+    word_level_tokenizer(config.vocab_size).save_pretrained(model_dir)
+    return Path(model_dir)
+
+
+def word_level_tokenizer(vocab_size: int):
+    """A tokenizer whose vocabulary is one word per token id ("t0", "t1", ...): training reads ids, not text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="t0", pad_token="t0", eos_token="t1")
+
+
+def token_blocks(vocab_size: int, seq_len: int, rows: int, seed: int = 0) -> list[dict]:
+    """`rows` fixed-length blocks of random token ids (the special ids 0 and 1 left out)."""
+    import numpy as np
+
+    ids = np.random.default_rng(seed).integers(2, vocab_size, size=(rows, seq_len))
+    return [{"input_ids": row.tolist()} for row in ids]
+
+
+def matmul_weights(model_dir: str | Path) -> tuple[int, int, int]:
+    """(weights used in matrix products incl. the output head, layers, hidden size), read without loading."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    weights = sum(module.weight.numel() for module in model.modules() if isinstance(module, torch.nn.Linear))
+    return weights, config.num_hidden_layers, config.hidden_size
+
+
+def model_flops_per_token(matmul: int, lora: int, layers: int, hidden: int, seq_len: int) -> float:
+    """4·N + 6·N_lora + 6·L·s·d: see the module docstring."""
+    return 4 * matmul + 6 * lora + 6 * layers * seq_len * hidden
+
+
+def step_timer():
+    """A trainer callback marking when training starts and when each optimizer step ends, after the GPU
+    has finished it; `step_seconds()` gives the steps' durations."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.marks: list[float] = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self._mark()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self._mark()
+
+        def _mark(self):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.marks.append(time.perf_counter())
+
+        def step_seconds(self) -> list[float]:
+            return [later - earlier for earlier, later in zip(self.marks, self.marks[1:])]
+
+    return StepTimer()
+
+
+def measure(arch: str, config: str, engine: str, timer, warmup: int, tokens_per_step: int,
+            seq_len: int, model_dir: str, lora_weights: int, world_size: int, details: dict) -> dict:
+    """One result row from a finished run's step times and the process's peak memory."""
+    import torch
+
+    from lib.fine_tuner import device_name, library_versions, peak_memory_gib
+
+    measured = timer.step_seconds()[warmup:]
+    s_per_step = statistics.median(measured)
+    tokens_per_s = tokens_per_step / s_per_step
+    matmul, layers, hidden = matmul_weights(model_dir)
+    flops_per_token = model_flops_per_token(matmul, lora_weights, layers, hidden, seq_len)
+    card = device_name()
+    on_gpu = torch.cuda.is_available()
+    peak = next((flops for name, flops in PEAK_FLOPS.items() if name in card), None) if on_gpu else None
+    reserved = round(torch.cuda.max_memory_reserved() / 2**30, 3) if on_gpu else None
+    return {
+        "card": card, "date": time.strftime("%Y-%m-%d"), "arch": arch, "config": config, "engine": engine,
+        "gpus": world_size, "seq_len": seq_len, "tokens_per_step": tokens_per_step,
+        "tokens_per_s": round(tokens_per_s, 1), "s_per_step": round(s_per_step, 4),
+        "steps_measured": len(measured), "step_s_min_max": [round(min(measured), 4), round(max(measured), 4)],
+        "peak_mem_gib": peak_memory_gib(), "peak_reserved_gib": reserved,
+        "mfu": round(flops_per_token * tokens_per_s / peak, 4) if peak else None,
+        "model_tflops_per_s": round(flops_per_token * tokens_per_s / 1e12, 1),
+        "flops_per_token": flops_per_token, "matmul_weights": matmul, "lora_weights": lora_weights,
+        "peak_flops": peak, "status": "ok", **details, "versions": library_versions(),
+    }
+
+
+def run_project(arch: str, config: str, model_dir: str, seq_len: int, steps: int, warmup: int,
+                output_dir: str) -> dict:
+    """Train one configuration through the FineTuner and measure it."""
+    from lib.fine_tuner import FineTuner
+
+    run_config = settings(arch, config, model_dir, seq_len, warmup + steps, output_dir)
+    rows = run_config.batch_size * run_config.grad_accum * (warmup + steps) * world_size()
+    tuner = FineTuner(run_config, train_dataset=token_blocks(vocab_size(model_dir), seq_len, rows)).setup()
+    timer = step_timer()
+    tuner.trainer.add_callback(timer)
+    result = tuner.train()
+    args, model = tuner.trainer.args, tuner.trainer.model
+    details = {"batch_size": args.per_device_train_batch_size, "grad_accum": args.gradient_accumulation_steps,
+               "gradient_checkpointing": args.gradient_checkpointing, "precision": run_config.precision,
+               "resolved_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+               "attention": model.config._attn_implementation, "packing": args.packing,
+               "liger": args.use_liger_kernel, "optimizer": getattr(args.optim, "value", args.optim),
+               "lora_dropout": run_config.lora_dropout, "loss_last": result.record["loss_history"][-1]["loss"],
+               "overrides": CONFIGS[config]}
+    tokens_per_step = seq_len * args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size()
+    return measure(arch, config, "project", timer, warmup, tokens_per_step, seq_len, model_dir,
+                   result.record["trainable_parameters"], world_size(), details)
+
+
+def run_unsloth(arch: str, config: str, model_dir: str, seq_len: int, steps: int, warmup: int,
+                output_dir: str) -> dict:
+    """Train the same model, blocks, LoRA rank and targets with Unsloth (import it before transformers)."""
+    import unsloth  # noqa: F401  (patches transformers and trl on import)
+    from unsloth import FastLanguageModel
+
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from lib.models import attention_layer_names
+
+    batch_size = UNSLOTH_CONFIGS[config]
+    model, tokenizer = FastLanguageModel.from_pretrained(model_dir, max_seq_length=seq_len, dtype=torch.bfloat16,
+                                                         load_in_4bit=True, local_files_only=True)
+    targets = attention_layer_names(model_dir)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets,
+                                             bias="none", use_gradient_checkpointing="unsloth", random_state=42)
+    blocks = token_blocks(vocab_size(model_dir), seq_len, batch_size * (warmup + steps))
+    args = SFTConfig(output_dir=output_dir, per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
+                     max_steps=warmup + steps, learning_rate=2e-4, lr_scheduler_type="constant", bf16=True,
+                     optim="adamw_torch_fused", logging_steps=1, save_strategy="no", report_to="none",
+                     max_length=seq_len, packing=False, dataset_num_proc=1, seed=42)
+    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=Dataset.from_list(blocks), args=args)
+    timer = step_timer()
+    trainer.add_callback(timer)
+    trainer.train()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    details = {"batch_size": batch_size, "grad_accum": 1, "gradient_checkpointing": "unsloth", "precision": "bf16",
+               "resolved_precision": "bf16", "attention": getattr(model.config, "_attn_implementation", None),
+               "packing": False, "liger": False, "optimizer": "adamw_torch_fused", "lora_dropout": 0.0,
+               "loss_last": losses[-1] if losses else None, "unsloth": unsloth.__version__}
+    return measure(arch, config, "unsloth", timer, warmup, seq_len * batch_size, seq_len, model_dir, trainable, 1,
+                   details)
+
+
+def loss_curves(output_dir: str, steps: int = 30, seq_len: int = 256) -> dict[str, list[dict]]:
+    """Training loss of the seed's settings and of the defaults on the same data (embedded model, sql task),
+    with the same number of sequences per optimizer step (seed: 1 x 4 accumulated; defaults: 4 x 1).
+    Without CUDA the seed's fp16 and paged optimizer map to fp32 and AdamW (same update; CPUs have no
+    fast fp16 matrix products: a step took minutes)."""
+    import torch
+
+    from lib.fine_tuner import FineTuner
+
+    seed = SEED if torch.cuda.is_available() else {**SEED, "precision": "fp32", "optimizer": "adamw_torch"}
+
+    common = dict(task="sql", train_rows=600, eval_rows=1, max_seq_length=seq_len, max_steps=steps,
+                  target_modules="attention", logging_steps=1, save_steps=10**6, output_dir=output_dir,
+                  overwrite=True)
+    runs = {"seed settings": RunConfig(run_name="loss-seed", **common, **seed),
+            "defaults": RunConfig(run_name="loss-default", **common, batch_size=4)}
+    return {name: FineTuner(config).run().record["loss_history"] for name, config in runs.items()}
+
+
+def vocab_size(model_dir: str | Path) -> int:
+    return json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+
+
+def world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def failed_row(arch: str, config: str, seq_len: int, status: str, log_tail: str) -> dict:
+    """The row of a configuration that did not finish (out of memory, error, time-out): no numbers."""
+    from lib.fine_tuner import device_name
+
+    return {"card": device_name(), "date": time.strftime("%Y-%m-%d"), "arch": arch, "config": config,
+            "engine": "unsloth" if config in UNSLOTH_CONFIGS else "project", "gpus": world_size(),
+            "seq_len": seq_len, "tokens_per_s": None, "peak_mem_gib": None, "mfu": None, "status": status,
+            "log_tail": log_tail[-2000:]}
+
+
+def merge_rows(existing: list[dict], new: list[dict]) -> list[dict]:
+    """`existing` with each row of `new` replacing the one of the same card, arch, config and sequence length."""
+    key = lambda row: (row["card"], row["arch"], row["config"], row["seq_len"])  # noqa: E731
+    replaced = {key(row) for row in new}
+    return [row for row in existing if key(row) not in replaced] + list(new)
+
+
+# ---- the report: a README-ready table and a chart ----------------------------------------------------------
+
+def markdown_table(rows: list[dict]) -> str:
+    """One table per card and architecture: every configuration against that card's seed row (a row's
+    `run`, where given, names the session it was measured in)."""
+    lines = []
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["card"], row["arch"], row["seq_len"]), []).append(row)
+    for (card, arch, seq_len), group in groups.items():
+        seed = next((row for row in group if row["config"] == "seed" and row.get("tokens_per_s")), None)
+        lines += [f"**{arch}**, seq {seq_len}, {card}, {group[0]['date']}", "",
+                  "| config | run | batch x accum | ckpt | attention | liger | tokens/s | x seed | s/step "
+                  "| peak GiB | MFU |",
+                  "| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for row in group:
+            lines.append(_table_line(row, seed))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _table_line(row: dict, seed: dict | None) -> str:
+    if not row.get("tokens_per_s"):
+        return f"| {row['config']} | {row.get('run', '')} | | | | | {row['status']} | | | | |"
+    speedup = f"{row['tokens_per_s'] / seed['tokens_per_s']:.2f}" if seed else ""
+    mfu = f"{100 * row['mfu']:.1f}%" if row.get("mfu") is not None else "n/a"
+    return (f"| {row['config']} | {row.get('run', '')} | {row['batch_size']} x {row['grad_accum']} "
+            f"| {row['gradient_checkpointing']} | {row['attention']} | {row['liger']} "
+            f"| {row['tokens_per_s']:,.0f} | {speedup} "
+            f"| {row['s_per_step']:.3f} | {row['peak_mem_gib']:.2f} | {mfu} |")
+
+
+def chart(rows: list[dict], path: str | Path):
+    """Tokens/s per configuration (bars), peak memory written on each bar, one panel per architecture."""
+    from matplotlib.figure import Figure
+
+    archs = list(dict.fromkeys(row["arch"] for row in rows))
+    figure = Figure(figsize=(7.5, 2.2 + 1.8 * len(archs) + 0.22 * len(rows)), dpi=110)
+    heights = [sum(1 for row in rows if row["arch"] == arch) for arch in archs]
+    axes_list = figure.subplots(len(archs), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
+    for axes, arch in zip(axes_list, archs):
+        group = [row for row in rows if row["arch"] == arch and row.get("tokens_per_s")]
+        names = [row["config"] for row in group]
+        speeds = [row["tokens_per_s"] / 1000 for row in group]
+        colours = ["tab:orange" if row["engine"] == "unsloth" else "tab:grey" if row["config"] == "seed"
+                   else "tab:green" if row["config"] == "default" else "tab:blue" for row in group]
+        bars = axes.barh(names, speeds, color=colours)
+        axes.bar_label(bars, labels=[f"{row['peak_mem_gib']:.1f} GiB" for row in group], fontsize=7, padding=2)
+        axes.invert_yaxis()
+        axes.set_title(f"{arch}, seq {group[0]['seq_len']}, {group[0]['card']}" if group else arch, fontsize=9)
+        axes.set_xlabel("thousand tokens / s (label: peak GPU memory)", fontsize=8)
+        axes.tick_params(labelsize=7)
+        axes.set_xlim(0, max(speeds, default=1) * 1.25)
+        axes.grid(axis="x", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    return figure

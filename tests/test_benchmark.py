@@ -1,0 +1,73 @@
+"""The benchmark job end to end on CPU (tiny random llama, a few steps), and its arithmetic and report."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lib import benchmark
+from lib.config import RunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench")
+    out = folder / "rows.json"
+    command = [sys.executable, str(ROOT / "jobs" / "benchmark.py"), "--arch", "tiny-llama",
+               "--configs", "default,unsloth-b8", "--steps", "2", "--warmup", "1", "--seq-len", "64",
+               "--model-dir", str(folder / "model"), "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 1, done.stderr[-3000:]  # unsloth-b8 is skipped without --unsloth-path
+    return json.loads(out.read_text())
+
+
+def test_job_writes_a_row_per_configuration_with_the_required_keys(rows):
+    assert [row["config"] for row in rows] == ["default", "unsloth-b8"]
+    for row in rows:
+        assert set(benchmark.REQUIRED_KEYS) <= set(row)
+        assert (row["arch"], row["gpus"], row["seq_len"]) == ("tiny-llama", 1, 64)
+
+
+def test_trained_row_has_numbers(rows):
+    trained = rows[0]
+    assert trained["status"] == "ok" and trained["engine"] == "project"
+    assert trained["tokens_per_s"] > 0 and trained["peak_mem_gib"] > 0 and trained["s_per_step"] > 0
+    assert trained["steps_measured"] == 2 and trained["tokens_per_step"] == 64 * trained["batch_size"]
+    assert trained["mfu"] is None  # no GPU peak to divide by on CPU
+    assert trained["lora_weights"] > 0 and trained["matmul_weights"] > trained["lora_weights"]
+
+
+def test_skipped_configuration_says_why(rows):
+    assert rows[1]["status"] == "skipped" and rows[1]["tokens_per_s"] is None and "unsloth" in rows[1]["log_tail"]
+
+
+def test_report_table_and_chart(rows, tmp_path):
+    table = benchmark.markdown_table(rows)
+    assert "| default |  | 8 x 1 |" in table and "| unsloth-b8 |  | | | | | skipped |" in table
+    benchmark.chart(rows, tmp_path / "chart.png")
+    assert (tmp_path / "chart.png").stat().st_size > 1000
+
+
+def test_model_flops_count_frozen_forward_and_input_gradients_plus_lora_and_attention():
+    # 4 N + 6 N_lora + 6 L s d
+    assert benchmark.model_flops_per_token(matmul=1000, lora=10, layers=2, hidden=8, seq_len=16) == 4000 + 60 + 1536
+
+
+def test_every_configuration_is_a_valid_run_config():
+    for name in benchmark.CONFIGS:
+        config = benchmark.settings("tiny-llama", name, "/tmp/model", 64, 3, "/tmp/out")
+        config.validate()
+        assert (config.target_modules, config.lora_r, config.max_seq_length) == ("attention", 16, 64)
+    default = benchmark.settings("tiny-llama", "default", "/tmp/model", 64, 3, "/tmp/out")
+    assert (default.batch_size, default.attention, default.precision) == (RunConfig().batch_size, "auto", "auto")
+
+
+def test_merge_replaces_rows_of_the_same_key():
+    old = [{"card": "A", "arch": "x", "config": "seed", "seq_len": 8, "tokens_per_s": 1},
+           {"card": "A", "arch": "x", "config": "default", "seq_len": 8, "tokens_per_s": 2}]
+    new = [{"card": "A", "arch": "x", "config": "seed", "seq_len": 8, "tokens_per_s": 3}]
+    assert [row["tokens_per_s"] for row in benchmark.merge_rows(old, new)] == [2, 3]
