@@ -10,6 +10,10 @@ Loss of the seed's settings against the defaults on the embedded model (CPU is f
     python jobs/benchmark.py --loss-curves docs/loss_seed_vs_default.png
 CPU smoke run (what tests/test_benchmark.py does):
     python jobs/benchmark.py --arch tiny-llama --configs default --steps 2 --warmup 1 --seq-len 64 --out /tmp/rows.json
+Data parallel, one process per GPU (accelerate_configs/multi_gpu.yaml rendered with num_processes=N):
+    accelerate launch --config_file multi_gpu-2.yaml jobs/benchmark.py --arch llama-1b --configs default --out rows.json
+Every rank runs each configuration in its own child process (which joins the process group); rank 0 builds the
+model while the others wait for it, and only rank 0 prints and writes rows (`gpus` = world size, tokens/s of all).
 
 The model is built once per architecture with random weights under --model-dir and loaded by path with
 4-bit quantization, like any checkpoint. Rows are merged into --out after every configuration, so a
@@ -24,6 +28,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,6 +94,35 @@ def run_config(args, config: str) -> dict:
         return json.loads(Path(row_file.name).read_text(encoding="utf-8"))
 
 
+def rank() -> int:
+    """This process's rank under `accelerate launch` (torchrun sets RANK), 0 when alone."""
+    return int(os.environ.get("RANK", 0))
+
+
+def ensure_model(args, wait_s: float = 600) -> bool:
+    """The random model in args.model_dir: rank 0 builds it in a side folder and renames it into place (one
+    atomic step), the other ranks wait for it to appear."""
+    ready = lambda: (Path(args.model_dir) / "config.json").is_file()  # noqa: E731
+    if ready():
+        return True
+    if rank() != 0:
+        deadline = time.monotonic() + wait_s
+        while not ready():
+            if time.monotonic() > deadline:
+                print(f"error: rank {rank()}: no model in {args.model_dir} after {wait_s:g} s", file=sys.stderr)
+                return False
+            time.sleep(1)
+        return True
+    Path(args.model_dir).parent.mkdir(parents=True, exist_ok=True)
+    side = tempfile.mkdtemp(prefix=f".{Path(args.model_dir).name}-", dir=Path(args.model_dir).parent)
+    built = child(args, ["--build", "--model-dir", side])
+    if built.returncode != 0:
+        print(built.stderr[-3000:], file=sys.stderr)
+        return False
+    os.replace(side, args.model_dir)
+    return True
+
+
 def save_rows(path: str, rows: list[dict]) -> None:
     out = Path(path)
     existing = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else []
@@ -136,22 +170,25 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown configurations {unknown}", file=sys.stderr)
         return 2
-    if not (Path(args.model_dir) / "config.json").is_file():
-        built = child(args, ["--build"])
-        if built.returncode != 0:
-            print(built.stderr[-3000:], file=sys.stderr)
-            return 1
+    if not ensure_model(args):
+        return 1
     rows = []
     for config in configs:
         rows.append(run_config(args, config))
         row = rows[-1]
-        print(f"{args.arch} {config}: {row['status']} {row.get('tokens_per_s')} tokens/s, "
-              f"peak {row.get('peak_mem_gib')} GiB, mfu {row.get('mfu')}", flush=True)
+        if rank() != 0:  # rank 0's row stands for the group; another rank only says when it failed
+            if row["status"] != "ok":
+                print(f"rank {rank()} {args.arch} {config}: {row['status']}\n{row.get('log_tail', '')[-1500:]}",
+                      flush=True)
+            continue
+        print(f"{args.arch} {config}: {row['status']} {row.get('tokens_per_s')} tokens/s on {row.get('gpus')} "
+              f"process(es), peak {row.get('peak_mem_gib')} GiB, mfu {row.get('mfu')}", flush=True)
         if row["status"] != "ok":
             print(row.get("log_tail", "")[-1500:], flush=True)
         if args.out:
             save_rows(args.out, [row])
-    print(benchmark.markdown_table(rows))
+    if rank() == 0:
+        print(benchmark.markdown_table(rows))
     return 0 if all(row["status"] == "ok" for row in rows) else 1
 
 

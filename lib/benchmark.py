@@ -8,8 +8,13 @@ optimizer steps and gives one row:
     tokens_per_s   tokens per optimizer step / median seconds per step, warm-up steps left out
     s_per_step     median seconds per optimizer step (all micro-batches, the optimizer, the data loader)
     peak_mem_gib   torch.cuda.max_memory_allocated over the whole process (model load included);
-                   on CPU the process's peak resident memory
+                   on CPU the process's peak resident memory; with several processes the largest of them
+                   (each one's in peak_mem_gib_per_rank)
     mfu            model FLOPs per second / the card's dense bf16 peak (PEAK_FLOPS, datasheet)
+
+Data parallel (`accelerate launch` of jobs/benchmark.py, one process per GPU): every rank trains the same
+number of steps on its own share of the blocks, so a step's tokens are seq_len x batch x accum x world size
+and tokens_per_s is the whole group's; `gpus` is the world size, and only rank 0 writes rows.
 
 Model FLOPs per token, QLoRA with a frozen base (`model_flops_per_token`):
     4·N + 6·N_lora + 6·L·s·d
@@ -185,12 +190,13 @@ def measure(arch: str, config: str, engine: str, timer, warmup: int, tokens_per_
     on_gpu = torch.cuda.is_available()
     peak = next((flops for name, flops in PEAK_FLOPS.items() if name in card), None) if on_gpu else None
     reserved = round(torch.cuda.max_memory_reserved() / 2**30, 3) if on_gpu else None
+    peaks = per_rank(peak_memory_gib())
     return {
         "card": card, "date": time.strftime("%Y-%m-%d"), "arch": arch, "config": config, "engine": engine,
         "gpus": world_size, "seq_len": seq_len, "tokens_per_step": tokens_per_step,
         "tokens_per_s": round(tokens_per_s, 1), "s_per_step": round(s_per_step, 4),
         "steps_measured": len(measured), "step_s_min_max": [round(min(measured), 4), round(max(measured), 4)],
-        "peak_mem_gib": peak_memory_gib(), "peak_reserved_gib": reserved,
+        "peak_mem_gib": max(peaks), "peak_mem_gib_per_rank": peaks, "peak_reserved_gib": reserved,
         "mfu": round(flops_per_token * tokens_per_s / peak, 4) if peak else None,
         "model_tflops_per_s": round(flops_per_token * tokens_per_s / 1e12, 1),
         "flops_per_token": flops_per_token, "matmul_weights": matmul, "lora_weights": lora_weights,
@@ -288,6 +294,17 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
+def per_rank(value) -> list:
+    """`value` of every rank of the process group, in rank order (`[value]` without one); every rank calls it."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def failed_row(arch: str, config: str, seq_len: int, status: str, log_tail: str) -> dict:
     """The row of a configuration that did not finish (out of memory, error, time-out): no numbers."""
     from lib.fine_tuner import device_name
@@ -299,8 +316,10 @@ def failed_row(arch: str, config: str, seq_len: int, status: str, log_tail: str)
 
 
 def merge_rows(existing: list[dict], new: list[dict]) -> list[dict]:
-    """`existing` with each row of `new` replacing the one of the same card, arch, config and sequence length."""
-    key = lambda row: (row["card"], row["arch"], row["config"], row["seq_len"])  # noqa: E731
+    """`existing` with each row of `new` replacing the one of the same card, arch, config, sequence length,
+    number of GPUs and run label (`run`, where a row has one)."""
+    key = lambda row: (row["card"], row["arch"], row["config"], row["seq_len"], row.get("gpus", 1),  # noqa: E731
+                       row.get("run"))
     replaced = {key(row) for row in new}
     return [row for row in existing if key(row) not in replaced] + list(new)
 
@@ -313,10 +332,11 @@ def markdown_table(rows: list[dict]) -> str:
     lines = []
     groups = {}
     for row in rows:
-        groups.setdefault((row["card"], row["arch"], row["seq_len"]), []).append(row)
-    for (card, arch, seq_len), group in groups.items():
+        groups.setdefault((row["card"], row["arch"], row["seq_len"], row.get("gpus", 1)), []).append(row)
+    for (card, arch, seq_len, gpus), group in groups.items():
         seed = next((row for row in group if row["config"] == "seed" and row.get("tokens_per_s")), None)
-        lines += [f"**{arch}**, seq {seq_len}, {card}, {group[0]['date']}", "",
+        cards = f"{gpus} x {card} (data parallel)" if gpus > 1 else card
+        lines += [f"**{arch}**, seq {seq_len}, {cards}, {group[0]['date']}", "",
                   "| config | run | batch x accum | ckpt | attention | liger | tokens/s | x seed | s/step "
                   "| peak GiB | MFU |",
                   "| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -347,7 +367,9 @@ def chart(rows: list[dict], path: str | Path):
     axes_list = figure.subplots(len(archs), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
     for axes, arch in zip(axes_list, archs):
         group = [row for row in rows if row["arch"] == arch and row.get("tokens_per_s")]
-        names = [row["config"] for row in group]
+        # rows of other cards or GPU counts share a panel: their bars say so (repeated names would overlap)
+        names = [row["config"] + (f" x{row['gpus']} GPUs" if row.get("gpus", 1) > 1 else "")
+                 + (f" ({row['card']})" if row["card"] != group[0]["card"] else "") for row in group]
         speeds = [row["tokens_per_s"] / 1000 for row in group]
         colours = ["tab:orange" if row["engine"] == "unsloth" else "tab:grey" if row["config"] == "seed"
                    else "tab:green" if row["config"] == "default" else "tab:blue" for row in group]

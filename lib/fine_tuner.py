@@ -108,6 +108,7 @@ class FineTuner:
             max_length=config.max_seq_length,
             completion_only_loss=config.completion_only_loss,
             logging_steps=config.logging_steps,
+            logging_first_step=True,  # a short run still has a point on its loss curve
             save_steps=config.save_steps,
             save_total_limit=2,
             seed=config.seed,
