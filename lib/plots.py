@@ -51,7 +51,7 @@ def metrics_chart(report: dict, path: str | Path | None = None):
         bars = axes.bar(positions + offset, values, width=0.4, label=label)
         axes.bar_label(bars, fmt="%.2f", fontsize=8)
     axes.set_xticks(positions, labels)
-    axes.set_ylim(0, 1.1)
+    axes.set_ylim(0, 1.3)  # headroom above the bars for the legend
     axes.set_title(f"{report['task']}: base vs adapter on {report['rows']} held-out rows")
-    axes.legend(loc="upper left")
+    axes.legend(loc="upper left", ncols=2)
     return _finish(figure, path)
