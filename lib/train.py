@@ -1,6 +1,6 @@
 """Process entry point for one fine-tuning run; `accelerate launch` starts this on every process.
 
-One process (CPU or one GPU):
+One process (CPU or one GPU), the task's recipe (RunConfig.for_task) with overrides:
     python -m lib.train --task sql --set max_steps=20
 Several processes, one per GPU (or gloo on CPU):
     accelerate launch --config_file accelerate_configs/<rendered>.yaml -m lib.train --config run.json
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from lib import runs
-from lib.config import ConfigError, RunConfig
+from lib.config import TASK_RECIPES, ConfigError, RunConfig
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[RunConfig, bool]:
@@ -36,6 +36,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[RunConfig, bool]:
     for item in args.set:
         name, _, text = item.partition("=")
         values[name.strip()] = _parse_value(text)
+    if not args.config:  # without a saved config, start from the task's measured recipe
+        values = {**TASK_RECIPES.get(values.get("task", RunConfig.task), {}), **values}
     return RunConfig.from_dict(values), args.evaluate
 
 

@@ -66,3 +66,14 @@ def test_run_name_is_fixed_once():
     config = RunConfig().with_run_name()
     assert config.run_name.startswith("sql-") and config.with_run_name() == config
     assert json.loads(json.dumps(config.to_dict()))["run_name"] == config.run_name
+
+
+def test_cli_starts_from_the_task_recipe_and_a_saved_config_is_kept_as_is(tmp_path):
+    from lib.train import parse_config
+
+    config, evaluate = parse_config(["--task", "detox", "--set", "lora_r=4", "--evaluate"])
+    assert config == RunConfig.for_task("detox", lora_r=4) and evaluate
+    saved = RunConfig(task="detox", learning_rate=3e-4)
+    saved.to_json(tmp_path / "run.json")
+    config, _ = parse_config(["--config", str(tmp_path / "run.json"), "--set", "max_steps=5"])
+    assert config == saved.replace(max_steps=5)
