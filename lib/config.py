@@ -24,6 +24,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 ATTENTIONS = ("auto", "varlen", "sdpa", "eager")
 OPTIMIZERS = ("auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit")
 SWITCHES = ("auto", "on", "off")
+NAME_MAX_BYTES = 255  # longest file or folder name, in bytes, on common file systems (ext4, xfs, APFS)
 
 
 # Each task's measured default recipe (docs/QUALITY.md): only what differs from RunConfig's defaults.
@@ -140,9 +141,8 @@ class RunConfig:
 
     def target_module_list(self) -> list[str]:
         """`target_modules` as a list of names or presets."""
-        if isinstance(self.target_modules, str):
-            return [name.strip() for name in self.target_modules.split(",") if name.strip()]
-        return list(self.target_modules)
+        names = self.target_modules.split(",") if isinstance(self.target_modules, str) else self.target_modules
+        return [name.strip() for name in names if name.strip()]  # as validate() reads them
 
     # ---- checking ---------------------------------------------------------------------------
 
@@ -175,7 +175,7 @@ class RunConfig:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("liger_kernel", self.liger_kernel, SWITCHES)
         _check_targets(self.target_modules)
-        _check_text("output_dir", self.output_dir)
+        _check_path("output_dir", self.output_dir)
         _check_run_name(self.run_name)
         return self
 
@@ -183,8 +183,23 @@ class RunConfig:
 def _check_text(name: str, value: Any) -> None:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(name, value, "a non-empty string")
-    if "\x00" in value or "\n" in value:
-        raise ConfigError(name, value, "a string without NUL or newline characters")
+    if "\x00" in value or "\n" in value or not _encodable(value):
+        raise ConfigError(name, value, "a string without NUL, newline or lone surrogate characters")
+
+
+def _encodable(value: str) -> bool:
+    """Whether the OS can take `value` as (part of) a file name: lone surrogates make os calls raise."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_path(name: str, value: Any) -> None:
+    _check_text(name, value)
+    if any(len(part.encode("utf-8")) > NAME_MAX_BYTES for part in Path(value).parts):
+        raise ConfigError(name, value, f"a path whose folder names are at most {NAME_MAX_BYTES} bytes each")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -198,7 +213,9 @@ def _check_int(name: str, value: Any, low: int, high: int = 10**9) -> None:
 
 
 def _check_float(name: str, value: Any, low: float, high: float) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    # an int is finite however large; math.isfinite would overflow converting it to float
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and (isinstance(value, int) or math.isfinite(value)))
     if not ok or not low <= value <= high:
         raise ConfigError(name, value, f"a number from {low:g} to {high:g}")
 
@@ -215,7 +232,11 @@ def _check_data(value: Any) -> None:
     path = Path(value)
     if path.suffix.lower() not in DATA_FILE_SUFFIXES:
         raise ConfigError("data", value, f"'embedded', 'hub' or a file ending in {', '.join(DATA_FILE_SUFFIXES)}")
-    if not path.is_file():
+    try:
+        is_file = path.is_file()
+    except OSError as error:  # e.g. a name longer than the file system allows
+        raise ConfigError("data", value, f"a path to an existing file ({error.strerror})") from None
+    if not is_file:
         raise ConfigError("data", value, "an existing file (this one is missing)")
 
 
@@ -247,5 +268,7 @@ def _check_targets(value: Any) -> None:
 def _check_run_name(value: Any) -> None:
     if not isinstance(value, str):
         raise ConfigError("run_name", value, "a folder name (a string)")
-    if value and (value in (".", "..") or "/" in value or "\\" in value or "\x00" in value or len(value) > 200):
-        raise ConfigError("run_name", value, "a plain folder name without slashes, at most 200 characters")
+    if value and (value in (".", "..") or "/" in value or "\\" in value or "\x00" in value or len(value) > 200
+                  or not _encodable(value) or len(value.encode("utf-8")) > NAME_MAX_BYTES):
+        raise ConfigError("run_name", value, "a plain folder name without slashes, at most 200 characters "
+                                             f"and {NAME_MAX_BYTES} bytes")

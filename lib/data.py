@@ -63,6 +63,8 @@ def _read_records(path: Path) -> list[dict]:
         raise DataError(f"{path}: the file is not UTF-8 text ({error.reason} at byte {error.start})") from None
     except (json.JSONDecodeError, csv.Error) as error:
         raise DataError(f"{path}: the file cannot be parsed as {suffix[1:]} ({error})") from None
+    except RecursionError:  # json nests deeper than Python's recursion limit
+        raise DataError(f"{path}: the file cannot be parsed as {suffix[1:]} (nested too deeply)") from None
     except OSError as error:
         raise DataError(f"{path}: the file cannot be read ({error.strerror or error})") from None
     if not all(isinstance(record, dict) for record in records):

@@ -225,12 +225,19 @@ def _count(name: str, value) -> int:
 
 def _with_absolute_paths(config: RunConfig) -> RunConfig:
     """The config with its paths absolute: workers start in the repository root, not in the caller's folder."""
-    changes = {"output_dir": str(Path(config.output_dir).expanduser().resolve())}
+    changes = {"output_dir": str(_expanded("output_dir", config.output_dir).resolve())}
     if config.data not in ("embedded", "hub"):
         changes["data"] = str(Path(config.data).resolve())
-    if Path(config.base_model).expanduser().is_dir():
-        changes["base_model"] = str(Path(config.base_model).expanduser().resolve())
+    if _expanded("base_model", config.base_model).is_dir():
+        changes["base_model"] = str(_expanded("base_model", config.base_model).resolve())
     return config.replace(**changes)
+
+
+def _expanded(name: str, value: str) -> Path:
+    try:
+        return Path(value).expanduser()
+    except RuntimeError as error:  # ~user of a user this system does not have
+        raise ConfigError(name, value, f"a path whose ~user names a user of this system ({error})") from None
 
 
 def _has_gpu() -> bool:

@@ -94,8 +94,13 @@ def resolve_base_model(base_model: str) -> str:
     """A loadable path or Hub id for `base_model`; a Hub id offline fails at once, naming the default."""
     if base_model == EMBEDDED:
         return str(embedded_model_dir())
-    path = Path(base_model).expanduser()
-    if path.is_dir():
+    try:
+        path = Path(base_model).expanduser()
+        is_dir = path.is_dir()
+    except (OSError, RuntimeError) as error:  # a name too long, or ~user of no such user
+        raise ConfigError("base_model", base_model, f"an existing model directory, a Hub id, or {EMBEDDED!r} "
+                                                    f"({error})") from None
+    if is_dir:
         if not (path / "config.json").is_file():
             raise ConfigError("base_model", base_model, "a model directory containing config.json")
         return str(path)
@@ -111,8 +116,13 @@ def resolve_base_model(base_model: str) -> str:
 
 def _in_hub_cache(repo_id: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
 
-    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except HFValidationError as error:
+        raise ConfigError("base_model", repo_id, f"an existing model directory, {EMBEDDED!r}, or a valid Hub id "
+                                                 f"({error})") from None
 
 
 def compute_dtype(precision: str = "auto"):
