@@ -127,6 +127,8 @@ class FineTuner:
         if self.trainer is None:
             self.setup()
         resume_from = runs.last_checkpoint(self.config.run_dir)
+        if resume_from and self.trainer.args.device.type == "cpu":
+            allow_indexed_cpu_locations()
         started = time.perf_counter()
         output = self.trainer.train(resume_from_checkpoint=resume_from)
         wall_s = time.perf_counter() - started
@@ -196,6 +198,21 @@ def liger_enabled(liger_kernel: str, on_gpu: bool) -> bool:
     if liger_kernel != "auto":
         return liger_kernel == "on"
     return on_gpu and importlib.util.find_spec("liger_kernel") is not None
+
+
+def allow_indexed_cpu_locations() -> None:
+    """Let torch.load map storages to "cpu:N": a CPU process of a multi-process launch has device cpu:N,
+    which the Trainer passes as map_location when it resumes the optimizer state, and torch only knows "cpu"."""
+    import torch
+
+    global _INDEXED_CPU_REGISTERED
+    if not _INDEXED_CPU_REGISTERED:
+        torch.serialization.register_package(
+            11, lambda obj: None, lambda storage, location: storage.cpu() if location.startswith("cpu:") else None)
+        _INDEXED_CPU_REGISTERED = True
+
+
+_INDEXED_CPU_REGISTERED = False
 
 
 def loss_history(log_history: list[dict]) -> list[dict]:
