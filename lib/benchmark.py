@@ -132,12 +132,12 @@ def token_blocks(vocab_size: int, seq_len: int, rows: int, seed: int = 0) -> lis
 def matmul_weights(model_dir: str | Path) -> tuple[int, int, int]:
     """(weights used in matrix products incl. the output head, layers, hidden size), read without loading."""
     import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from lib.models import empty_model
 
     config = AutoConfig.from_pretrained(model_dir)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
+    model = empty_model(str(model_dir))
     weights = sum(module.weight.numel() for module in model.modules() if isinstance(module, torch.nn.Linear))
     return weights, config.num_hidden_layers, config.hidden_size
 

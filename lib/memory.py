@@ -32,6 +32,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lib.models import empty_model, layer_names, linear_layers, select_targets
+
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit weight + 8-bit block scale (64) + fp32 scale of 256 scales
 ACTIVATION_FACTOR = 17                     # k / d without gradient checkpointing
 LORA_BYTES = 4                             # adapters train and are saved in fp32
@@ -47,12 +49,16 @@ class ModelShapes:
     vocab_size: int
 
     @property
+    def linear_paths(self) -> list[str]:
+        return [path for path, _, _ in self.linear]
+
+    @property
     def linear_names(self) -> list[str]:
-        return sorted({path.rsplit(".", 1)[-1] for path, _, _ in self.linear})
+        return layer_names(self.linear_paths)
 
     @property
     def attention_names(self) -> list[str]:
-        return sorted({path.rsplit(".", 1)[-1] for path, _, _ in self.linear if "attn" in path or "attention" in path})
+        return layer_names(self.linear_paths, attention_only=True)
 
     @property
     def linear_parameters(self) -> int:
@@ -60,24 +66,14 @@ class ModelShapes:
 
     def resolve(self, targets: list[str]) -> list[str]:
         """Layer names for a preset ("all-linear", "attention") or a list of names."""
-        if targets == ["all-linear"]:
-            return self.linear_names
-        if targets == ["attention"]:
-            return self.attention_names
-        return list(targets)
+        return select_targets(targets, self.linear_paths)
 
 
 def read_shapes(model_path: str) -> ModelShapes:
     """The shapes of the model at `model_path`, read from a meta-device copy (no weights loaded)."""
-    import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    model_config = AutoConfig.from_pretrained(model_path)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(model_config)
-    linear = tuple((name, module.out_features, module.in_features) for name, module in model.named_modules()
-                   if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"))
+    model = empty_model(model_path)
+    model_config = model.config
+    linear = tuple((name, module.out_features, module.in_features) for name, module in linear_layers(model))
     return ModelShapes(
         linear=linear,
         total_parameters=sum(parameter.numel() for parameter in model.parameters()),

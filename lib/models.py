@@ -203,39 +203,59 @@ def process_device():
     return "cpu"
 
 
-def _linear_layers(model_path: str) -> list[str]:
-    """Full module paths of the model's linear layers (lm_head excluded), read without loading weights."""
-    import torch
+def empty_model(model_path: str):
+    """The model at `model_path` on the meta device: its structure and shapes, no weights loaded."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
-    return [name for name, module in model.named_modules()
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+
+
+def linear_layers(model) -> list[tuple[str, object]]:
+    """(module path, module) of the model's linear layers, the output head excluded: what LoRA can target."""
+    import torch
+
+    return [(name, module) for name, module in model.named_modules()
             if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")]
 
 
-def linear_layer_names(model_path: str) -> list[str]:
-    """Distinct names (last path component) of the linear layers LoRA can target."""
-    return sorted({path.rsplit(".", 1)[-1] for path in _linear_layers(model_path)})
+def layer_names(paths: list[str], attention_only: bool = False) -> list[str]:
+    """Distinct layer names (last path component); with attention_only, those inside attention blocks
+    (q/k/v/o projections, or bloom's query_key_value/dense)."""
+    return sorted({path.rsplit(".", 1)[-1] for path in paths
+                   if not attention_only or "attn" in path or "attention" in path})
 
 
-def attention_layer_names(model_path: str) -> list[str]:
-    """The linear layers inside attention blocks (q/k/v/o projections, or bloom's query_key_value/dense)."""
-    return sorted({path.rsplit(".", 1)[-1] for path in _linear_layers(model_path)
-                   if "attn" in path or "attention" in path})
-
-
-def resolve_target_modules(requested: list[str], model_path: str) -> list[str]:
+def select_targets(requested: list[str], paths: list[str]) -> list[str]:
     """Layer names for PEFT from a preset or names; an unknown name fails with the model's linear layers."""
-    available = linear_layer_names(model_path)
+    available = layer_names(paths)
     if requested == ["all-linear"]:
         return available
     if requested == ["attention"]:
-        return attention_layer_names(model_path)
+        return layer_names(paths, attention_only=True)
     unknown = [name for name in requested if name not in available]
     if unknown:
         raise ConfigError("target_modules", ",".join(requested),
                           f"linear layer names of this model: {', '.join(available)} "
                           f"(or 'all-linear', 'attention'); unknown: {', '.join(unknown)}")
     return list(requested)
+
+
+def _linear_paths(model_path: str) -> list[str]:
+    return [path for path, _ in linear_layers(empty_model(model_path))]
+
+
+def linear_layer_names(model_path: str) -> list[str]:
+    """Distinct names of the linear layers LoRA can target, read without loading weights."""
+    return layer_names(_linear_paths(model_path))
+
+
+def attention_layer_names(model_path: str) -> list[str]:
+    """The linear layers inside attention blocks, read without loading weights."""
+    return layer_names(_linear_paths(model_path), attention_only=True)
+
+
+def resolve_target_modules(requested: list[str], model_path: str) -> list[str]:
+    """Layer names for PEFT from a preset or names, checked against the model at `model_path`."""
+    return select_targets(requested, _linear_paths(model_path))
