@@ -1,0 +1,36 @@
+"""Importing lib has no side effects: no environment change, no files, no device chosen, no download."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+IMPORT_EVERY_MODULE = """
+import importlib, json, os, pkgutil, sys
+before = dict(os.environ)
+import lib
+names = [module.name for module in pkgutil.walk_packages(lib.__path__, "lib.")]
+for name in names:
+    importlib.import_module(name)
+torch = sys.modules.get("torch")
+print(json.dumps({"modules": names, "environment_unchanged": dict(os.environ) == before,
+                  "cuda_initialized": bool(torch and torch.cuda.is_initialized())}))
+"""
+
+
+def test_importing_every_lib_module_changes_nothing(tmp_path):
+    work, home, cache = tmp_path / "work", tmp_path / "home", tmp_path / "cache"
+    work.mkdir()
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "HOME": str(home), "QLORA_AMP_CACHE": str(cache),
+                   "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    completed = subprocess.run([sys.executable, "-c", IMPORT_EVERY_MODULE], cwd=work, env=environment,
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert {"lib.config", "lib.fine_tuner", "lib.launcher", "lib.widgets", "lib.tasks.sql"} <= set(report["modules"])
+    assert report["environment_unchanged"] and not report["cuda_initialized"]
+    assert list(work.iterdir()) == []  # nothing written where it ran
+    assert not cache.exists() and not (tmp_path / "hf").exists()  # no model converted, nothing downloaded
