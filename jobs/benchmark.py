@@ -6,6 +6,9 @@ measured and how; CONFIGS there names the configurations):
     python jobs/benchmark.py --arch llama-1b --configs unsloth-b16 --unsloth-path /tmp/site-unsloth --out rows.json
 The table and the chart from the collected rows:
     python jobs/benchmark.py --report docs/benchmarks.json --chart docs/benchmark_tokens_per_s.png
+Memory estimate against measurement on the embedded model, one short run per JSON of overrides, each in its
+own process (CPU or GPU, whichever this machine has):
+    python jobs/benchmark.py --memory-check '{}' --memory-check '{"batch_size": 4}' --out docs/memory_check.json
 Loss of the seed's settings against the defaults on the embedded model (CPU is fine), plotted:
     python jobs/benchmark.py --loss-curves docs/loss_seed_vs_default.png
 CPU smoke run (what tests/test_benchmark.py does):
@@ -51,10 +54,14 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--out", help="JSON file of rows; this run's rows replace earlier ones of the same key")
     parser.add_argument("--report", help="print the markdown table of this JSON file of rows")
     parser.add_argument("--chart", help="with --report: also draw the tokens/s chart to this PNG")
+    parser.add_argument("--runs", help="with --report: only rows of these runs (comma-separated `run` labels)")
+    parser.add_argument("--memory-check", action="append", metavar="JSON",
+                        help="settings on top of the sql recipe; compare estimated and measured training memory")
     parser.add_argument("--loss-curves", help="plot seed settings vs defaults on the embedded model to this PNG")
     parser.add_argument("--build", action="store_true", help=argparse.SUPPRESS)  # internal: build the model
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one configuration here
     parser.add_argument("--row-file", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-worker", help=argparse.SUPPRESS)  # internal: one memory check here
     return parser.parse_args(argv)
 
 
@@ -146,16 +153,46 @@ def plot_loss_curves(path: str) -> int:
     return 0
 
 
+def memory_checks(args) -> int:
+    """Each --memory-check in its own process (a clean peak); rows appended to --out."""
+    rows = []
+    for overrides in args.memory_check:
+        with tempfile.NamedTemporaryFile(suffix=".json") as row_file:
+            done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--memory-worker", overrides,
+                                   "--row-file", row_file.name], capture_output=True, text=True, cwd=ROOT)
+            if done.returncode != 0:
+                print(done.stderr[-3000:], file=sys.stderr)
+                return 1
+            rows.append(json.loads(Path(row_file.name).read_text(encoding="utf-8")))
+        row = rows[-1]
+        print(f"{row['overrides']}: micro-batch {row['micro_batch_size']} x {row['grad_accum']}, estimated "
+              f"{row['estimated_gib']} GiB, measured {row['measured_gib']} GiB (ratio {row['ratio']})", flush=True)
+        if args.out:
+            out = Path(args.out)
+            existing = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else []
+            out.write_text(json.dumps(existing + [row], indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.report:
         rows = json.loads(Path(args.report).read_text(encoding="utf-8"))
+        if args.runs:
+            rows = [row for row in rows if row.get("run") in args.runs.split(",")]
         print(benchmark.markdown_table(rows))
         if args.chart:
             benchmark.chart(rows, args.chart)
         return 0
     if args.loss_curves:
         return plot_loss_curves(args.loss_curves)
+    if args.memory_worker:
+        with tempfile.TemporaryDirectory(prefix="memory-check-") as output_dir:
+            row = benchmark.memory_check(json.loads(args.memory_worker), output_dir)
+        Path(args.row_file).write_text(json.dumps(row), encoding="utf-8")
+        return 0
+    if args.memory_check:
+        return memory_checks(args)
     if args.arch is None:
         print("error: --arch is required (or --report)", file=sys.stderr)
         return 2

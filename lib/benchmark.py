@@ -56,31 +56,42 @@ PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 
 # The seed AMP's training settings, written as project settings.
 SEED = dict(precision="fp16", attention="eager", optimizer="paged_adamw_32bit", liger_kernel="off",
-            batch_size=1, grad_accum=4, gradient_checkpointing=False)
+            batch_size=4, micro_batch_size=1, gradient_checkpointing=False)
+
+
+def fast(batch: int, **changes) -> dict:
+    """bf16, fused AdamW and `batch` sequences in one micro-batch, with `changes` on top."""
+    return {**dict(precision="bf16", optimizer="adamw_torch_fused", liger_kernel="off", gradient_checkpointing=False,
+                   batch_size=batch, micro_batch_size=batch), **changes}
+
+
 # The step-by-step changes that led from the seed to the defaults.
-FAST = dict(precision="bf16", optimizer="adamw_torch_fused", liger_kernel="off", grad_accum=1,
-            gradient_checkpointing=False)
 CONFIGS = {
     "seed": SEED,
     "bf16": {**SEED, "precision": "bf16"},
     "bf16-sdpa": {**SEED, "precision": "bf16", "attention": "sdpa"},
-    "b4-sdpa-packed": {**FAST, "attention": "sdpa", "batch_size": 4},
-    "b4-varlen": {**FAST, "attention": "varlen", "batch_size": 4},
-    "b4-varlen-liger": {**FAST, "attention": "varlen", "batch_size": 4, "liger_kernel": "on"},
-    "b8-varlen-ckpt": {**FAST, "attention": "varlen", "batch_size": 8, "gradient_checkpointing": True},
-    "b16-varlen-ckpt": {**FAST, "attention": "varlen", "batch_size": 16, "gradient_checkpointing": True},
-    "b16-varlen-ckpt-liger": {**FAST, "attention": "varlen", "batch_size": 16, "gradient_checkpointing": True,
-                              "liger_kernel": "on"},
-    "b32-varlen-ckpt-liger": {**FAST, "attention": "varlen", "batch_size": 32, "gradient_checkpointing": True,
-                              "liger_kernel": "on"},
-    "b16-varlen-ckpt-liger-nodrop": {**FAST, "attention": "varlen", "batch_size": 16,
-                                     "gradient_checkpointing": True, "liger_kernel": "on", "lora_dropout": 0.0},
+    "b4-sdpa-packed": fast(4, attention="sdpa"),
+    "b4-varlen": fast(4, attention="varlen"),
+    "b4-varlen-liger": fast(4, attention="varlen", liger_kernel="on"),
+    "b8-varlen-liger": fast(8, attention="varlen", liger_kernel="on"),
+    "b8-varlen-ckpt": fast(8, attention="varlen", gradient_checkpointing=True),
+    "b8-varlen-ckpt-liger": fast(8, attention="varlen", gradient_checkpointing=True, liger_kernel="on"),
+    "b16-varlen-ckpt": fast(16, attention="varlen", gradient_checkpointing=True),
+    "b16-varlen-ckpt-liger": fast(16, attention="varlen", gradient_checkpointing=True, liger_kernel="on"),
+    "b32-varlen-ckpt-liger": fast(32, attention="varlen", gradient_checkpointing=True, liger_kernel="on"),
+    "b16-varlen-ckpt-liger-nodrop": fast(16, attention="varlen", gradient_checkpointing=True, liger_kernel="on",
+                                         lora_dropout=0.0),
     # bloom: ALiBi attention is eager only and cannot keep packed examples apart (packing turns itself off)
-    "b4": {**FAST, "batch_size": 4},
-    "b8-ckpt": {**FAST, "batch_size": 8, "gradient_checkpointing": True},
-    "b16-ckpt": {**FAST, "batch_size": 16, "gradient_checkpointing": True},
-    "b32-ckpt": {**FAST, "batch_size": 32, "gradient_checkpointing": True},
-    "default": {},  # RunConfig's defaults
+    "b4": fast(4),
+    "b8-ckpt": fast(8, gradient_checkpointing=True),
+    "b8-ckpt-liger": fast(8, gradient_checkpointing=True, liger_kernel="on"),
+    "b16-ckpt": fast(16, gradient_checkpointing=True),
+    "b32-ckpt": fast(32, gradient_checkpointing=True),
+    "default": {},  # RunConfig's defaults: 16 sequences a step, the micro-batch chosen to fit the GPU
+    # the defaults held to a memory budget: the micro-batch shrinks, accumulation makes up the step
+    "default-budget-3gib": {"memory_budget_gib": 3.0},
+    "default-budget-4.8gib": {"memory_budget_gib": 4.8},
+    "default-budget-5gib": {"memory_budget_gib": 5.0},
 }
 # Unsloth's recommended fast path: its gradient checkpointing, LoRA dropout 0; batch size per name.
 UNSLOTH_CONFIGS = {"unsloth-b8": 8, "unsloth-b16": 16, "unsloth-b32": 32, "unsloth-b64": 64}
@@ -210,7 +221,7 @@ def run_project(arch: str, config: str, model_dir: str, seq_len: int, steps: int
     from lib.fine_tuner import FineTuner
 
     run_config = settings(arch, config, model_dir, seq_len, warmup + steps, output_dir)
-    rows = run_config.batch_size * run_config.grad_accum * (warmup + steps) * world_size()
+    rows = run_config.batch_size * (warmup + steps) * world_size()
     tuner = FineTuner(run_config, train_dataset=token_blocks(vocab_size(model_dir), seq_len, rows)).setup()
     timer = step_timer()
     tuner.trainer.add_callback(timer)
@@ -222,6 +233,7 @@ def run_project(arch: str, config: str, model_dir: str, seq_len: int, steps: int
                "attention": model.config._attn_implementation, "packing": args.packing,
                "liger": args.use_liger_kernel, "optimizer": getattr(args.optim, "value", args.optim),
                "lora_dropout": run_config.lora_dropout, "loss_last": result.record["loss_history"][-1]["loss"],
+               "estimated_gib": tuner.memory_plan["estimated_gib"],
                "overrides": CONFIGS[config]}
     tokens_per_step = seq_len * args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size()
     return measure(arch, config, "project", timer, warmup, tokens_per_step, seq_len, model_dir,
@@ -284,6 +296,74 @@ def loss_curves(output_dir: str, steps: int = 30, seq_len: int = 256) -> dict[st
     return {name: FineTuner(config).run().record["loss_history"] for name, config in runs.items()}
 
 
+def memory_check(overrides: dict, output_dir: str, steps: int = 3) -> dict:
+    """Estimated against measured training memory of a short run on the embedded model (sql task), on
+    whatever device this is. On a GPU, measured = torch.cuda.max_memory_allocated. On a CPU the allocator
+    keeps no such count, so measured = the bytes of the loaded model's tensors + the growth of the
+    process's resident memory while it trains (sampled every 10 ms) above what it held after setup:
+    the interpreter, the libraries, the tokenizer and the data are left out, as the estimate leaves them."""
+    import threading
+
+    import psutil
+    import torch
+
+    from lib.fine_tuner import FineTuner
+
+    config = RunConfig.for_task("sql", **{"train_rows": 200, "eval_rows": 1, "max_steps": steps, "logging_steps": 1,
+                                          "save_steps": 10**6, "output_dir": output_dir, "overwrite": True,
+                                          "run_name": "memory-check", **overrides})
+    tuner = FineTuner(config).setup()
+    model = tuner.trainer.model
+    tensors = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    process, peak, done = psutil.Process(), [0], threading.Event()
+    after_setup = process.memory_info().rss
+
+    def sample():
+        while not done.wait(0.01):
+            peak[0] = max(peak[0], process.memory_info().rss)
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    result = tuner.train()
+    done.set()
+    sampler.join()
+    if torch.cuda.is_available():
+        measured = torch.cuda.max_memory_allocated()
+    else:
+        measured = tensors + max(peak[0] - after_setup, 0)
+    plan = tuner.memory_plan
+    return {"overrides": overrides, "micro_batch_size": plan["micro_batch_size"], "grad_accum": plan["grad_accum"],
+            "estimated_gib": plan["estimated_gib"], "measured_gib": round(measured / 2**30, 3),
+            "ratio": round(plan["estimated_gib"] / (measured / 2**30), 3), "model_tensors_gib": round(tensors / 2**30, 3),
+            "steps": result.record["global_step"], "device": result.record["device"], "date": time.strftime("%Y-%m-%d")}
+
+
+def estimate_gib(row: dict, shapes_dir: str) -> float | None:
+    """The memory estimate (lib/memory.py) for a result row of the project's path, from the model's shapes
+    (`shapes_dir` holds its config.json) and what the row ran: its micro-batch and whether Liger was on."""
+    import dataclasses
+
+    from lib import memory
+
+    if row.get("engine") != "project" or row.get("config") not in CONFIGS or not row.get("batch_size"):
+        return None
+    run_config = settings(row["arch"], row["config"], shapes_dir, row["seq_len"], 1, "/tmp")
+    shapes = memory.read_shapes(shapes_dir)
+    setup = dataclasses.replace(memory.Runtime.resolve(run_config, shapes, on_gpu=True), liger=bool(row["liger"]))
+    return round(sum(memory.training_memory(shapes, run_config, setup, row["batch_size"]).values()) / 2**30, 3)
+
+
+def shapes_dir(arch: str, folder: str | Path) -> Path:
+    """A folder holding only the config.json of `arch`: enough for shapes and estimates, no weights."""
+    from transformers import AutoConfig
+
+    spec = dict(ARCHITECTURES[arch])
+    AutoConfig.for_model(spec.pop("model_type"), **spec).save_pretrained(folder)
+    return Path(folder)
+
+
 def vocab_size(model_dir: str | Path) -> int:
     return json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
 
@@ -332,14 +412,15 @@ def markdown_table(rows: list[dict]) -> str:
     lines = []
     groups = {}
     for row in rows:
-        groups.setdefault((row["card"], row["arch"], row["seq_len"], row.get("gpus", 1)), []).append(row)
-    for (card, arch, seq_len, gpus), group in groups.items():
+        groups.setdefault((row.get("run"), row["card"], row["arch"], row["seq_len"], row.get("gpus", 1)), []).append(row)
+    for (run, card, arch, seq_len, gpus), group in groups.items():
         seed = next((row for row in group if row["config"] == "seed" and row.get("tokens_per_s")), None)
         cards = f"{gpus} x {card} (data parallel)" if gpus > 1 else card
-        lines += [f"**{arch}**, seq {seq_len}, {cards}, {group[0]['date']}", "",
-                  "| config | run | batch x accum | ckpt | attention | liger | tokens/s | x seed | s/step "
-                  "| peak GiB | MFU |",
-                  "| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        label = f", run {run}" if run else ""
+        lines += [f"**{arch}**, seq {seq_len}, {cards}{label}, {group[0]['date']}", "",
+                  "| config | batch x accum | ckpt | attention | liger | tokens/s | x seed | s/step "
+                  "| peak GiB | estimate GiB | MFU |",
+                  "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for row in group:
             lines.append(_table_line(row, seed))
         lines.append("")
@@ -348,13 +429,14 @@ def markdown_table(rows: list[dict]) -> str:
 
 def _table_line(row: dict, seed: dict | None) -> str:
     if not row.get("tokens_per_s"):
-        return f"| {row['config']} | {row.get('run', '')} | | | | | {row['status']} | | | | |"
+        return f"| {row['config']} | | | | | {row['status']} | | | | | |"
     speedup = f"{row['tokens_per_s'] / seed['tokens_per_s']:.2f}" if seed else ""
     mfu = f"{100 * row['mfu']:.1f}%" if row.get("mfu") is not None else "n/a"
-    return (f"| {row['config']} | {row.get('run', '')} | {row['batch_size']} x {row['grad_accum']} "
+    estimate = f"{row['estimated_gib']:.2f}" if row.get("estimated_gib") else ""
+    return (f"| {row['config']} | {row['batch_size']} x {row['grad_accum']} "
             f"| {row['gradient_checkpointing']} | {row['attention']} | {row['liger']} "
             f"| {row['tokens_per_s']:,.0f} | {speedup} "
-            f"| {row['s_per_step']:.3f} | {row['peak_mem_gib']:.2f} | {mfu} |")
+            f"| {row['s_per_step']:.3f} | {row['peak_mem_gib']:.2f} | {estimate} | {mfu} |")
 
 
 def chart(rows: list[dict], path: str | Path):

@@ -24,12 +24,13 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 ATTENTIONS = ("auto", "varlen", "sdpa", "eager")
 OPTIMIZERS = ("auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit")
 SWITCHES = ("auto", "on", "off")
+AUTO_OR_NUMBER = ("micro_batch_size", "memory_budget_gib")  # "auto" or a number, which text may spell ("4")
 NAME_MAX_BYTES = 255  # longest file or folder name, in bytes, on common file systems (ext4, xfs, APFS)
 
 
 # Each task's measured default recipe (docs/QUALITY.md): only what differs from RunConfig's defaults.
 TASK_RECIPES = {
-    "sql": dict(train_rows=500, max_seq_length=256, batch_size=2, learning_rate=1e-3),
+    "sql": dict(train_rows=500, max_seq_length=256, batch_size=2, learning_rate=1e-3, packing=False),
     "instruction": dict(train_rows=1200, max_seq_length=256, batch_size=2, learning_rate=1e-3),
     "detox": dict(train_rows=500, max_seq_length=256, batch_size=2, learning_rate=1e-3),
 }
@@ -65,8 +66,9 @@ class RunConfig:
     warmup_ratio: float = 0.05            # share of steps spent warming the learning rate up
     num_epochs: float = 1.0               # passes over the training rows (ignored when max_steps > 0)
     max_steps: int = -1                   # > 0: stop after this many optimizer steps (smoke runs, quick demos)
-    batch_size: int = 8                   # packed sequences per process per step
-    grad_accum: int = 1                   # micro-batches summed per optimizer step
+    batch_size: int = 16                  # packed sequences per process per optimizer step
+    micro_batch_size: Any = "auto"        # sequences a forward pass, dividing batch_size (rest: accumulation); auto: largest that fits
+    memory_budget_gib: Any = "auto"       # memory the micro-batch may fill (lib/memory.py estimate); auto: 80% of the GPU, 75% of free RAM
     max_seq_length: int = 512             # tokens per packed sequence; longer examples are truncated
     packing: bool = True                  # pack several examples into one sequence, attention kept within each example
     completion_only_loss: bool = True     # learn from the answer tokens only, not from the prompt
@@ -94,7 +96,7 @@ class RunConfig:
         for key in values:
             if key not in known:
                 raise ConfigError(str(key), values[key], f"a known setting, one of {sorted(known)}")
-        return cls(**values)
+        return cls(**{key: _auto_or_number(value) if key in AUTO_OR_NUMBER else value for key, value in values.items()})
 
     @classmethod
     def for_task(cls, task: str, **overrides) -> "RunConfig":
@@ -152,7 +154,7 @@ class RunConfig:
         _check_text("base_model", self.base_model)
         _check_data(self.data)
         _check_column_map(self.column_map)
-        for name in ("train_rows", "eval_rows", "lora_r", "lora_alpha", "batch_size", "grad_accum",
+        for name in ("train_rows", "eval_rows", "lora_r", "lora_alpha", "batch_size",
                      "logging_steps", "save_steps"):
             _check_int(name, getattr(self, name), low=1)
         _check_int("seed", self.seed, low=0)
@@ -162,6 +164,13 @@ class RunConfig:
             raise ConfigError("max_steps", 0, "-1 (train num_epochs) or a positive number of steps")
         for name in ("load_in_4bit", "packing", "completion_only_loss", "overwrite"):
             _check_bool(name, getattr(self, name))
+        if self.micro_batch_size != "auto":
+            _check_int("micro_batch_size", self.micro_batch_size, low=1)
+            if self.batch_size % self.micro_batch_size:
+                raise ConfigError("micro_batch_size", self.micro_batch_size,
+                                  f'"auto" or a divisor of batch_size ({self.batch_size})')
+        if self.memory_budget_gib != "auto":
+            _check_float("memory_budget_gib", self.memory_budget_gib, low=0.01, high=1e6)
         if self.gradient_checkpointing != "auto":
             _check_bool("gradient_checkpointing", self.gradient_checkpointing)
         _check_float("lora_dropout", self.lora_dropout, low=0.0, high=0.9)
@@ -178,6 +187,18 @@ class RunConfig:
         _check_path("output_dir", self.output_dir)
         _check_run_name(self.run_name)
         return self
+
+
+def _auto_or_number(value: Any) -> Any:
+    """A number written as text ("4", "7.5": a notebook's str parameter, an environment variable) as the
+    number; anything else unchanged, for validate() to judge."""
+    if isinstance(value, str) and value != "auto":
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+    return value
 
 
 def _check_text(name: str, value: Any) -> None:

@@ -16,10 +16,11 @@ import platform
 import resource
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from lib import runs
+from lib import memory, runs
 from lib.attention import keeps_packed_examples_apart
 from lib.config import RunConfig
 from lib.data import load_splits, to_prompt_completion
@@ -55,12 +56,26 @@ class FineTuner:
         else:
             self.train_rows, self.eval_rows = self.train_dataset, []
         self.tokenizer = load_tokenizer(self.model_path)
+        self._plan_micro_batch()
         model = load_base_model(self.model_path, config.load_in_4bit, attention=config.attention,
                                 precision=config.precision)
         self.trainer = self._build_trainer(model)
         if self.trainer.is_world_process_zero():
             runs.start_run_dir(config)
         return self
+
+    def _plan_micro_batch(self) -> None:
+        """Split batch_size into micro-batches that fit the memory budget (lib/memory.py estimates)."""
+        config = self.config
+        shapes = memory.read_shapes(self.model_path)
+        size, estimate, budget = memory.micro_batch(shapes, config, memory.Runtime.resolve(config, shapes))
+        self.micro_batch_size, self.grad_accum = size, config.batch_size // size
+        self.memory_plan = {"micro_batch_size": size, "grad_accum": self.grad_accum,
+                            "estimated_gib": round(estimate / 2**30, 3), "budget_gib": round(budget / 2**30, 3)}
+        if estimate > budget:
+            warnings.warn(f"a micro-batch of {size} sequence(s) is estimated to need {estimate / 2**30:.1f} GiB, over the "
+                          f"memory budget of {budget / 2**30:.1f} GiB (memory_budget_gib="
+                          f"{config.memory_budget_gib!r}); training may run out of memory", stacklevel=2)
 
     def _build_trainer(self, model):
         from datasets import Dataset
@@ -89,8 +104,8 @@ class FineTuner:
         config, dtype, on_gpu = self.config, compute_dtype(self.config.precision), torch.cuda.is_available()
         return SFTConfig(
             output_dir=str(config.run_dir / runs.CHECKPOINTS),
-            per_device_train_batch_size=config.batch_size,
-            gradient_accumulation_steps=config.grad_accum,
+            per_device_train_batch_size=self.micro_batch_size,
+            gradient_accumulation_steps=self.grad_accum,
             learning_rate=config.learning_rate,
             lr_scheduler_type=config.lr_scheduler,
             warmup_steps=config.warmup_ratio,  # a float below 1 is a share of the total steps
@@ -170,6 +185,7 @@ class FineTuner:
             "train_tokens": tokens,
             "tokens_per_s": round(tokens / train_metrics["train_runtime"], 1) if train_metrics.get("train_runtime") else None,
             "peak_memory_gib": peak_memory_gib(),
+            "memory_plan": self.memory_plan,
             "world_size": self.trainer.accelerator.num_processes,
             "rank_shares": self._rank_shares(),
             "device": device_name(),
@@ -183,7 +199,7 @@ class FineTuner:
         accelerator = self.trainer.accelerator
         batches = len(self.trainer.get_train_dataloader())
         share = {"rank": accelerator.process_index, "batches_per_epoch": batches,
-                 "sequences_per_epoch": batches * self.config.batch_size}
+                 "sequences_per_epoch": batches * self.micro_batch_size}
         return sorted(gather_object([share]), key=lambda item: item["rank"])
 
 

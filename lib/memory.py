@@ -2,30 +2,46 @@
 
     shapes = read_shapes(model_path)              # the meta-device model: shapes only
     trainable_parameters(shapes, r=16, targets=["q_proj", "v_proj"])
-    training_memory(shapes, config)               # bytes, part by part
+    setup = Runtime.resolve(config, shapes)       # what the FineTuner will run: dtype, checkpointing, kernels
+    training_memory(shapes, config, setup)        # bytes, part by part, for one micro-batch
+    micro_batch(shapes, config, setup)            # the largest micro-batch that fits the memory budget
 
 Trainable parameters: LoRA adds A (r x in) and B (out x r) beside each targeted Linear of shape
 (out, in), so each one adds r * (in + out); this is exactly what PEFT counts.
 
-Training memory (bytes), an estimate. P_q: weights of the linear layers (lm_head excluded), which
-bitsandbytes quantizes; P_o: the other base weights (embeddings, norms); P_l: LoRA weights; d: bytes
-per value of the compute dtype (2 for bf16/fp16, 4 for fp32); B: batch_size; S: max_seq_length;
-H: hidden size; L: layers; V: vocabulary:
+Training memory (bytes) of one micro-batch, the tensors training allocates (what
+`torch.cuda.max_memory_allocated` counts; not the CUDA context, not the Python process). Notation: d bytes
+per value of the compute dtype (2 for bf16/fp16, 4 for fp32); T = micro_batch x max_seq_length tokens;
+L layers; H hidden size; K the key/value width (kv heads x head dim); I the MLP's inner size; V vocabulary;
+P_q the weights of the linear layers (lm_head excluded), which bitsandbytes quantizes; P_o the other base
+weights (embeddings, norms); P_l the LoRA weights:
 
-    base weights   4-bit: P_q * (0.5 + 1/64 + 4/(64*256)) + P_o * d     else: (P_q + P_o) * d
-                   (NF4 is 0.5 byte a weight; double quantization keeps one 8-bit scale per block of
-                   64 weights and one fp32 scale per 256 such scales)
-    LoRA weights   P_l * 4                      (fp32)
-    gradients      P_l * 4                      (only the adapters get gradients)
-    optimizer      P_l * 8                      (AdamW: two fp32 moments per LoRA weight)
-    activations    B * S * H * L * k            k = 17 * d kept for backward (Korthikanti et al. 2022: 34 bytes
-                                                a hidden value a layer in 16 bit); with gradient checkpointing
-                                                k = d (layer inputs only) plus one layer recomputed
-                   + B * S * sum(in_features of every targeted layer) * d * 2   (LoRA: dropped-out input, A x)
-    logits         B * S * V * 4 * 2            (fp32 logits and their gradient)
+    base weights      4-bit: P_q * (0.5 + 1/64 + 4/(64*256)) + P_o * d      else (P_q + P_o) * d
+                      (NF4 is half a byte a weight; double quantization keeps one 8-bit scale per block of
+                      64 weights and one fp32 scale per 256 of those)
+    LoRA weights      P_l * 4            (fp32)
+    gradients         P_l * 4            (only the adapters get gradients)
+    optimizer state   P_l * 8            (AdamW: two fp32 moments; 8-bit AdamW: P_l * 2)
+    activations       what backward needs, a = values kept per token and layer:
+                        a = (4H + 2K  attention: normed input, queries, keys, values, attention output
+                             + 2H     the two norms' inputs (4H without Liger: HF's RMSNorm keeps fp32 copies)
+                             + 3I     gated MLP with Liger (gate, up, their product); 4I without; 2I ungated)
+                            * d
+                            + (d + 1) * in_features of every targeted layer   (LoRA dropout's output and mask)
+                      without gradient checkpointing: T * L * a
+                      with it: T * (L * H * d        the layers' inputs, kept
+                                    + a              one layer recomputed during backward
+                                    + (I + 2H) * d)  that layer's gradients in flight
+    attention scores  eager attention keeps each head's softmax in fp32 and in d bytes: one layer's worth is
+                      rows * heads * R^2 * (4 + d), R = T when packing puts a micro-batch in one row, else the
+                      sequence length; kept for every layer (one with checkpointing), plus two layers' worth
+                      in flight during backward (the scores' gradients). SDPA on a CPU (its math path) keeps
+                      two d-byte copies, rows * heads * R^2 * 2d a layer. Flash and memory-efficient kernels
+                      (varlen, SDPA on CUDA) keep none.
+    loss              TRL's chunked LM head: one min(T, 4096) x min(V, 32768) logits tile in d bytes, and the
+                      fp32 gradient of the last hidden state, T * H * 4. Full logits are never built.
 
-Measured on a CPU the process holds about twice this (docs/BENCHMARKS.md): a lower bound, good for
-comparing settings.
+Checked against measured peaks in docs/BENCHMARKS.md ("Memory estimate against measurement").
 """
 
 from __future__ import annotations
@@ -35,9 +51,10 @@ from dataclasses import dataclass
 from lib.models import empty_model, layer_names, linear_layers, select_targets
 
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit weight + 8-bit block scale (64) + fp32 scale of 256 scales
-ACTIVATION_FACTOR = 17                     # k / d without gradient checkpointing
 LORA_BYTES = 4                             # adapters train and are saved in fp32
-ADAM_BYTES = 8                             # two fp32 moments per trainable value
+ADAM_BYTES = {"adamw_8bit": 2, "paged_adamw_8bit": 2}  # bytes of optimizer state per trainable value; else 8
+LOSS_TOKEN_TILE, LOSS_VOCAB_TILE = 4096, 32768     # TRL's chunked log-prob tile
+GPU_BUDGET_SHARE, CPU_BUDGET_SHARE = 0.8, 0.75     # memory_budget_gib "auto"
 
 
 @dataclass(frozen=True)
@@ -47,6 +64,12 @@ class ModelShapes:
     hidden_size: int
     num_layers: int
     vocab_size: int
+    num_heads: int = 1
+    kv_size: int = 0                          # key/value width: kv heads x head dim
+    intermediate_size: int = 0                # the MLP's inner width
+    gated_mlp: bool = False                   # SwiGLU-style MLP (gate and up projections)
+    keeps_examples_apart: bool = True         # attention reads position_ids: packing is padding-free
+    flash_capable: bool = True                # runs on transformers' attention functions (varlen/SDPA)
 
     @property
     def linear_paths(self) -> list[str]:
@@ -71,16 +94,58 @@ class ModelShapes:
 
 def read_shapes(model_path: str) -> ModelShapes:
     """The shapes of the model at `model_path`, read from a meta-device copy (no weights loaded)."""
+    from lib.attention import keeps_packed_examples_apart
+
     model = empty_model(model_path)
-    model_config = model.config
+    config = model.config.get_text_config()
     linear = tuple((name, module.out_features, module.in_features) for name, module in linear_layers(model))
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    inner = max(inp for _, _, inp in linear)  # the MLP's down projection reads the widest input
     return ModelShapes(
         linear=linear,
         total_parameters=sum(parameter.numel() for parameter in model.parameters()),
-        hidden_size=model_config.hidden_size,
-        num_layers=model_config.num_hidden_layers,
-        vocab_size=model_config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_layers=config.num_hidden_layers,
+        vocab_size=config.vocab_size,
+        num_heads=heads,
+        kv_size=kv_heads * head_dim,
+        intermediate_size=inner,
+        gated_mlp=sum(1 for path, out, _ in linear if out == inner and ".0." in f".{path}.") >= 2,
+        keeps_examples_apart=keeps_packed_examples_apart(model),
+        flash_capable=bool(getattr(model, "_supports_attention_backend", False)),
     )
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How the FineTuner will train on this machine: what the memory estimate depends on beyond the config."""
+    compute_bytes: int          # 2 (bf16/fp16) or 4 (fp32)
+    checkpointing: bool
+    attention: str              # "flash" (varlen, or SDPA on CUDA), "sdpa" (on a CPU), "eager"
+    liger: bool
+    packed: bool                # padding-free packing: a micro-batch is one row
+    on_gpu: bool
+
+    @classmethod
+    def resolve(cls, config, shapes: ModelShapes, on_gpu: bool | None = None) -> "Runtime":
+        import torch
+
+        from lib.fine_tuner import liger_enabled
+        from lib.models import compute_dtype
+
+        on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+        checkpointing = on_gpu if config.gradient_checkpointing == "auto" else config.gradient_checkpointing
+        packed = config.packing and shapes.keeps_examples_apart
+        if not shapes.flash_capable or config.attention == "eager":
+            attention = "eager"
+        elif on_gpu and config.attention != "eager":
+            attention = "flash"  # varlen, or SDPA's flash/memory-efficient kernels: no scores kept
+        else:
+            attention = "sdpa"   # SDPA on a CPU
+        return cls(compute_bytes=compute_dtype(config.precision).itemsize, checkpointing=bool(checkpointing), attention=attention,
+                   liger=liger_enabled(config.liger_kernel, on_gpu), packed=packed, on_gpu=on_gpu)
 
 
 def _targeted(shapes: ModelShapes, targets: list[str]) -> list[tuple[str, int, int]]:
@@ -98,24 +163,71 @@ def adapter_bytes(trainable: int) -> int:
     return trainable * LORA_BYTES
 
 
-def training_memory(shapes: ModelShapes, config, compute_bytes: int, checkpointing: bool) -> dict[str, float]:
-    """The estimate of the module docstring, part by part, in bytes, for a RunConfig `config`."""
-    targets = config.target_module_list()
-    lora = trainable_parameters(shapes, config.lora_r, targets)
+def training_memory(shapes: ModelShapes, config, setup: Runtime, micro_batch: int | None = None) -> dict[str, float]:
+    """The estimate of the module docstring, part by part, in bytes, for `micro_batch` sequences per pass
+    (default: the config's micro_batch_size, or its batch_size when that is "auto")."""
+    if micro_batch is None:
+        micro_batch = config.batch_size if config.micro_batch_size == "auto" else config.micro_batch_size
+    d, H, L, I, K = (setup.compute_bytes, shapes.hidden_size, shapes.num_layers, shapes.intermediate_size,
+                     shapes.kv_size)
+    targeted = _targeted(shapes, config.target_module_list())
+    lora = sum(config.lora_r * (inp + out) for _, out, inp in targeted)
     quantized, other = shapes.linear_parameters, shapes.total_parameters - shapes.linear_parameters
-    if config.load_in_4bit:
-        base = quantized * NF4_BYTES + other * compute_bytes
+    base = quantized * NF4_BYTES + other * d if config.load_in_4bit else shapes.total_parameters * d
+
+    tokens = micro_batch * config.max_seq_length
+    mlp = (3 if setup.liger else 4) * I if shapes.gated_mlp else 2 * I
+    norms = (2 if setup.liger else 4) * H
+    per_layer = (4 * H + 2 * K + norms + mlp) * d
+    if config.lora_dropout > 0:
+        per_layer += (d + 1) * sum(inp for _, _, inp in targeted) / L
+    if setup.checkpointing:
+        activations = tokens * (L * H * d + per_layer + (I + 2 * H) * d)
     else:
-        base = shapes.total_parameters * compute_bytes
-    tokens = config.batch_size * config.max_seq_length
-    per_layer = compute_bytes * (1 + ACTIVATION_FACTOR / shapes.num_layers if checkpointing else ACTIVATION_FACTOR)
-    lora_inputs = sum(inp for _, _, inp in _targeted(shapes, targets))  # over all layers
+        activations = tokens * L * per_layer
+
+    scores = 0.0
+    rows, row = (1, tokens) if setup.packed else (micro_batch, config.max_seq_length)
+    kept_layers = 1 if setup.checkpointing else L
+    if setup.attention == "eager":
+        scores = rows * shapes.num_heads * row * row * (4 + d) * (kept_layers + 2)
+    elif setup.attention == "sdpa":
+        scores = rows * shapes.num_heads * row * row * 2 * d * kept_layers
+    loss = min(tokens, LOSS_TOKEN_TILE) * min(shapes.vocab_size, LOSS_VOCAB_TILE) * d + tokens * H * 4
     return {
         "base weights": base,
         "LoRA weights": lora * LORA_BYTES,
         "gradients": lora * LORA_BYTES,
-        "optimizer state": lora * ADAM_BYTES,
-        "activations": tokens * shapes.hidden_size * shapes.num_layers * per_layer
-                       + tokens * lora_inputs * compute_bytes * 2,
-        "logits": tokens * shapes.vocab_size * 4 * 2,
+        "optimizer state": lora * ADAM_BYTES.get(config.optimizer, 8),
+        "activations": activations,
+        "attention scores": scores,
+        "loss": loss,
     }
+
+
+def budget_bytes(config, setup: Runtime) -> float:
+    """The memory a micro-batch may fill: `memory_budget_gib`, or for "auto" a share of the GPU's memory
+    (this process's GPU) or of the memory the machine has available now."""
+    if config.memory_budget_gib != "auto":
+        return config.memory_budget_gib * 2**30
+    if setup.on_gpu:
+        import torch
+
+        from lib.models import process_device
+
+        return GPU_BUDGET_SHARE * torch.cuda.get_device_properties(process_device()).total_memory
+    import psutil
+
+    return CPU_BUDGET_SHARE * psutil.virtual_memory().available
+
+
+def micro_batch(shapes: ModelShapes, config, setup: Runtime) -> tuple[int, float, float]:
+    """(micro-batch, its estimated bytes, the budget): the config's micro_batch_size, or for "auto" the
+    largest divisor of batch_size whose estimate fits the budget (1 when none does)."""
+    budget = budget_bytes(config, setup)
+    if config.micro_batch_size != "auto":
+        size = config.micro_batch_size
+    else:
+        divisors = [m for m in range(config.batch_size, 0, -1) if config.batch_size % m == 0]
+        size = next((m for m in divisors if sum(training_memory(shapes, config, setup, m).values()) <= budget), 1)
+    return size, sum(training_memory(shapes, config, setup, size).values()), budget

@@ -209,7 +209,9 @@ def empty_model(model_path: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    model.tie_weights()  # from_config leaves tied embeddings as two tensors on the meta device
+    return model
 
 
 def linear_layers(model) -> list[tuple[str, object]]:

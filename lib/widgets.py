@@ -19,7 +19,7 @@ import json
 
 from lib import memory
 from lib.config import RunConfig, TARGET_PRESETS
-from lib.models import compute_dtype, resolve_base_model
+from lib.models import resolve_base_model
 
 SEQ_LENGTHS = (64, 128, 256, 512, 1024, 2048, 4096)  # choices of the sequence-length control
 
@@ -136,23 +136,23 @@ class LoraPanel:
             max_seq_length=self.max_seq_length.value, load_in_4bit=self.load_in_4bit.value)
 
     def estimate(self) -> dict:
-        """Trainable parameters, their share, adapter bytes and the training-memory parts for `config`."""
-        import torch
-
+        """Trainable parameters, their share, adapter bytes, the micro-batch the FineTuner would choose on this
+        machine and the training-memory parts at that micro-batch, for `config`."""
         config = self.config
         trainable = memory.trainable_parameters(self.shapes, config.lora_r, config.target_module_list())
-        checkpointing = torch.cuda.is_available() if config.gradient_checkpointing == "auto" \
-            else config.gradient_checkpointing
-        parts = memory.training_memory(self.shapes, config, compute_dtype(config.precision).itemsize, checkpointing)
+        setup = memory.Runtime.resolve(config, self.shapes)
+        micro_batch, _, budget = memory.micro_batch(self.shapes, config, setup)
+        parts = memory.training_memory(self.shapes, config, setup, micro_batch)
         return {"trainable": trainable, "share": trainable / (self.shapes.total_parameters + trainable),
                 "adapter_bytes": memory.adapter_bytes(trainable), "memory": parts,
-                "memory_total": sum(parts.values())}
+                "memory_total": sum(parts.values()), "micro_batch": micro_batch, "budget": budget}
 
     def _update(self) -> None:
         estimate = self.estimate()
         rows = [("trainable parameters", f"{estimate['trainable']:,}"),
                 ("share of the model", f"{estimate['share']:.2%}"),
                 ("adapter on disk", _mib(estimate["adapter_bytes"])),
+                ("micro-batch", f"{estimate['micro_batch']} of {self.config.batch_size} sequences"),
                 ("training memory (estimate)", _mib(estimate["memory_total"])),
                 *((f"&nbsp;&nbsp;{part}", _mib(size)) for part, size in estimate["memory"].items())]
         cells = "".join(f"<tr><td style='text-align:left'>{name}</td><td class='{_css(name)}' "

@@ -47,7 +47,7 @@ def test_skipped_configuration_says_why(rows):
 
 def test_report_table_and_chart(rows, tmp_path):
     table = benchmark.markdown_table(rows)
-    assert "| default |  | 8 x 1 |" in table and "| unsloth-b8 |  | | | | | skipped |" in table
+    assert "| default | 16 x 1 |" in table and "| unsloth-b8 | | | | | skipped |" in table
     benchmark.chart(rows, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").stat().st_size > 1000
 

@@ -14,7 +14,7 @@ BAD_VALUES = [
     ("target_modules", ""), ("target_modules", "q_proj;rm -rf"), ("target_modules", 3),
     ("target_modules", "attention,q_proj"), ("learning_rate", 0), ("learning_rate", float("inf")),
     ("lr_scheduler", "cyclic"), ("warmup_ratio", 0.9), ("num_epochs", 0), ("max_steps", 0), ("max_steps", -2),
-    ("batch_size", 0), ("grad_accum", 0), ("max_seq_length", 8), ("packing", "yes"), ("load_in_4bit", 1),
+    ("batch_size", 0), ("micro_batch_size", 0), ("micro_batch_size", 3), ("memory_budget_gib", 0), ("memory_budget_gib", "lots"), ("max_seq_length", 8), ("packing", "yes"), ("load_in_4bit", 1),
     ("max_grad_norm", -1), ("logging_steps", 0), ("save_steps", 0), ("output_dir", ""),
     ("run_name", "../escape"), ("run_name", "a/b"), ("run_name", ".."), ("overwrite", "false"),
 ]
@@ -77,3 +77,12 @@ def test_cli_starts_from_the_task_recipe_and_a_saved_config_is_kept_as_is(tmp_pa
     saved.to_json(tmp_path / "run.json")
     config, _ = parse_config(["--config", str(tmp_path / "run.json"), "--set", "max_steps=5"])
     assert config == saved.replace(max_steps=5)
+
+
+def test_auto_or_number_settings_read_numbers_written_as_text():
+    # a notebook's str parameter or an environment variable gives "4": it is the number 4
+    config = RunConfig.from_dict({"batch_size": 8, "micro_batch_size": "4", "memory_budget_gib": "7.5"}).validate()
+    assert (config.micro_batch_size, config.memory_budget_gib) == (4, 7.5)
+    assert RunConfig.from_dict({"micro_batch_size": "auto"}).micro_batch_size == "auto"
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        RunConfig.from_dict({"micro_batch_size": "many"}).validate()

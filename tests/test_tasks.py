@@ -236,3 +236,19 @@ def test_instruction_covers_many_kinds_with_and_without_input(rows_by_task):
     rows = rows_by_task["instruction"]
     assert len({row["instruction"] for row in rows}) >= 30
     assert any(row["input"] == "" for row in rows) and any(row["input"] for row in rows)
+
+
+def test_instruction_opposites_have_one_right_answer():
+    import random
+
+    from lib.tasks.instruction import AMBIGUOUS, OPPOSITES, opposite
+
+    rng = random.Random(0)
+    asked = set()
+    for _ in range(2000):
+        instruction, word_input, answer = opposite(rng)
+        word = word_input or next(w for pair in OPPOSITES for w in pair if f'"{w}"' in instruction
+                                  or instruction.endswith(f" {w}."))
+        assert word not in AMBIGUOUS and {word, answer} in [set(pair) for pair in OPPOSITES]
+        asked.add(word)
+    assert len(asked) >= len(OPPOSITES)  # every pair asked, both directions where they are unambiguous

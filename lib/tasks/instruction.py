@@ -37,6 +37,10 @@ OPPOSITES = (
     ("awake", "asleep"), ("alive", "dead"), ("public", "private"), ("simple", "complex"),
     ("positive", "negative"), ("ancient", "modern"), ("sharp", "dull"), ("brave", "cowardly"),
 )
+# Words whose opposite is not unique (old: young or new; light: heavy or dark): asked about only from the
+# other side of their pair, so every question has one right answer.
+AMBIGUOUS = frozenset({"old", "short", "light", "right", "hard", "dull", "small", "thin",
+                       "slow", "rough", "modern", "quiet", "dead", "low", "simple"})
 PLURALS = (
     ("child", "children"), ("mouse", "mice"), ("city", "cities"), ("box", "boxes"), ("knife", "knives"),
     ("tooth", "teeth"), ("foot", "feet"), ("man", "men"), ("woman", "women"), ("person", "people"),
@@ -140,6 +144,8 @@ def extract_number(rng):
 
 def opposite(rng):
     word, answer = rng.choice(OPPOSITES)[::rng.choice((1, -1))]
+    if word in AMBIGUOUS:
+        word, answer = answer, word
     if rng.random() < 0.5:
         instruction = rng.choice((
             "What is the opposite of the following word?", "Give an antonym for this word.",

@@ -1,0 +1,105 @@
+"""The training-memory estimate and the micro-batch it chooses: shapes read without weights, the parts of
+the formula, the budget rule, the FineTuner splitting a batch into micro-batches, and the estimate against
+every GPU peak measured so far (docs/benchmarks.json).
+
+Run: python -m pytest tests/test_memory.py
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from lib import benchmark, memory
+from lib.config import ConfigError, RunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMA_1B_PARAMETERS = 1_235_814_400  # Llama-3.2-1B, tied embeddings counted once
+
+
+@pytest.fixture(scope="module")
+def shapes_dirs(tmp_path_factory):
+    return {arch: str(benchmark.shapes_dir(arch, tmp_path_factory.mktemp(arch))) for arch in ("llama-1b", "bloom-1b1")}
+
+
+@pytest.fixture(scope="module")
+def llama(shapes_dirs):
+    return memory.read_shapes(shapes_dirs["llama-1b"])
+
+
+def gpu_setup(config, shapes, **changes):
+    return dataclasses.replace(memory.Runtime.resolve(config, shapes, on_gpu=True), **changes)
+
+
+def total(parts: dict) -> float:
+    return sum(parts.values())
+
+
+def test_shapes_are_read_from_the_config_alone(llama, shapes_dirs):
+    assert llama.total_parameters == LLAMA_1B_PARAMETERS
+    assert (llama.intermediate_size, llama.gated_mlp, llama.kv_size, llama.num_heads) == (8192, True, 512, 32)
+    assert llama.flash_capable and llama.keeps_examples_apart
+    bloom = memory.read_shapes(shapes_dirs["bloom-1b1"])
+    assert (bloom.intermediate_size, bloom.gated_mlp, bloom.num_heads) == (6144, False, 16)
+    assert not bloom.flash_capable and not bloom.keeps_examples_apart  # ALiBi: eager, no padding-free packing
+
+
+def test_parts_follow_the_formula(llama, shapes_dirs):
+    config = RunConfig(base_model=shapes_dirs["llama-1b"], max_seq_length=1024, batch_size=8,
+                       gradient_checkpointing=True)
+    setup = gpu_setup(config, llama, liger=True)
+    parts = memory.training_memory(llama, config, setup, 8)
+    quantized = llama.linear_parameters
+    assert parts["base weights"] == pytest.approx(quantized * memory.NF4_BYTES + (LLAMA_1B_PARAMETERS - quantized) * 2)
+    assert parts["optimizer state"] == 2 * parts["gradients"] == 2 * parts["LoRA weights"]
+    assert parts["attention scores"] == 0  # flash kernels keep no scores
+    assert total(memory.training_memory(llama, config.replace(load_in_4bit=False), setup, 8)) > total(parts)
+    double = memory.training_memory(llama, config, setup, 16)
+    assert double["activations"] == pytest.approx(2 * parts["activations"])  # linear in tokens
+    no_checkpointing = memory.training_memory(llama, config, dataclasses.replace(setup, checkpointing=False), 8)
+    assert no_checkpointing["activations"] > 3 * parts["activations"]
+    eager = memory.training_memory(llama, config, dataclasses.replace(setup, attention="eager"), 8)
+    assert eager["attention scores"] > 0
+
+
+def test_micro_batch_is_the_largest_divisor_that_fits_the_budget(llama, shapes_dirs):
+    config = RunConfig(base_model=shapes_dirs["llama-1b"], max_seq_length=1024, batch_size=16)
+    setup = gpu_setup(config, llama)
+    four = total(memory.training_memory(llama, config, setup, 4))
+    eight = total(memory.training_memory(llama, config, setup, 8))
+    budget = (four + eight) / 2 / 2**30
+    size, estimate, _ = memory.micro_batch(llama, config.replace(memory_budget_gib=budget), setup)
+    assert (size, estimate) == (4, four)
+    assert memory.micro_batch(llama, config.replace(memory_budget_gib=0.01), setup)[0] == 1  # nothing fits: 1
+    assert memory.micro_batch(llama, config.replace(memory_budget_gib=1000), setup)[0] == 16
+    explicit = config.replace(micro_batch_size=2, memory_budget_gib=budget)
+    assert memory.micro_batch(llama, explicit, setup)[0] == 2
+
+
+def test_micro_batch_must_divide_the_batch():
+    with pytest.raises(ConfigError, match="micro_batch_size.*divisor of batch_size"):
+        RunConfig(batch_size=16, micro_batch_size=3).validate()
+
+
+def test_fine_tuner_splits_the_batch_to_fit_the_budget(tiny_config):
+    from lib.fine_tuner import FineTuner
+    from lib.models import resolve_base_model
+
+    config = tiny_config(batch_size=4, max_seq_length=256)
+    shapes = memory.read_shapes(resolve_base_model("embedded"))
+    setup = memory.Runtime.resolve(config, shapes)
+    two, four = (total(memory.training_memory(shapes, config, setup, m)) for m in (2, 4))
+    tuner = FineTuner(config.replace(memory_budget_gib=(two + four) / 2 / 2**30, run_name="split")).setup()
+    args = tuner.trainer.args
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (2, 2)
+    assert tuner.memory_plan["estimated_gib"] == pytest.approx(two / 2**30, abs=1e-3)
+
+
+def test_estimate_is_within_30_percent_of_every_measured_gpu_peak(shapes_dirs):
+    rows = [row for row in json.loads((ROOT / "docs" / "benchmarks.json").read_text())
+            if row.get("engine") == "project" and row.get("tokens_per_s") and row["arch"] in shapes_dirs]
+    assert len(rows) >= 20
+    for row in rows:
+        estimate = benchmark.estimate_gib(row, shapes_dirs[row["arch"]])
+        assert 0.7 <= estimate / row["peak_mem_gib"] <= 1.3, (row["run"], row["arch"], row["config"])
