@@ -300,8 +300,9 @@ def memory_check(overrides: dict, output_dir: str, steps: int = 3) -> dict:
     """Estimated against measured training memory of a short run on the embedded model (sql task), on
     whatever device this is. On a GPU, measured = torch.cuda.max_memory_allocated. On a CPU the allocator
     keeps no such count, so measured = the bytes of the loaded model's tensors + the growth of the
-    process's resident memory while it trains (sampled every 10 ms) above what it held after setup:
-    the interpreter, the libraries, the tokenizer and the data are left out, as the estimate leaves them."""
+    process's resident memory while it trains (sampled every 10 ms) above what it held after setup, once
+    the allocator has handed freed pages back: the interpreter, the libraries, the tokenizer and the data
+    are left out, as the estimate leaves them."""
     import threading
 
     import psutil
@@ -316,6 +317,7 @@ def memory_check(overrides: dict, output_dir: str, steps: int = 3) -> dict:
     model = tuner.trainer.model
     tensors = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     process, peak, done = psutil.Process(), [0], threading.Event()
+    release_freed_memory()  # what loading freed goes back to the OS, so training's growth shows in RSS
     after_setup = process.memory_info().rss
 
     def sample():
@@ -338,6 +340,18 @@ def memory_check(overrides: dict, output_dir: str, steps: int = 3) -> dict:
             "estimated_gib": plan["estimated_gib"], "measured_gib": round(measured / 2**30, 3),
             "ratio": round(plan["estimated_gib"] / (measured / 2**30), 3), "model_tensors_gib": round(tensors / 2**30, 3),
             "steps": result.record["global_step"], "device": result.record["device"], "date": time.strftime("%Y-%m-%d")}
+
+
+def release_freed_memory() -> None:
+    """Return the C allocator's free pages to the OS (glibc `malloc_trim`); nothing elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    library = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(library).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 def estimate_gib(row: dict, shapes_dir: str) -> float | None:

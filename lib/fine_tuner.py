@@ -17,7 +17,7 @@ import resource
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lib import memory, runs
@@ -68,7 +68,10 @@ class FineTuner:
         """Split batch_size into micro-batches that fit the memory budget (lib/memory.py estimates)."""
         config = self.config
         shapes = memory.read_shapes(self.model_path)
-        size, estimate, budget = memory.micro_batch(shapes, config, memory.Runtime.resolve(config, shapes))
+        setup = memory.Runtime.resolve(config, shapes)
+        if not setup.packed:
+            setup = replace(setup, longest_example=self._longest_example())
+        size, estimate, budget = memory.micro_batch(shapes, config, setup)
         self.micro_batch_size, self.grad_accum = size, config.batch_size // size
         self.memory_plan = {"micro_batch_size": size, "grad_accum": self.grad_accum,
                             "estimated_gib": round(estimate / 2**30, 3), "budget_gib": round(budget / 2**30, 3)}
@@ -76,6 +79,13 @@ class FineTuner:
             warnings.warn(f"a micro-batch of {size} sequence(s) is estimated to need {estimate / 2**30:.1f} GiB, over the "
                           f"memory budget of {budget / 2**30:.1f} GiB (memory_budget_gib="
                           f"{config.memory_budget_gib!r}); training may run out of memory", stacklevel=2)
+
+    def _longest_example(self) -> int:
+        """Tokens of the longest training example (prompt and answer), as the trainer will see it."""
+        if self.train_dataset is not None:
+            return max((len(row["input_ids"]) for row in self.train_dataset if "input_ids" in row), default=0)
+        texts = [row["prompt"] + row["completion"] for row in to_prompt_completion(self.train_rows, self.task)]
+        return max((len(ids) for ids in self.tokenizer(texts)["input_ids"]), default=0) + 1  # + end of text
 
     def _build_trainer(self, model):
         from datasets import Dataset

@@ -11,7 +11,8 @@ Trainable parameters: LoRA adds A (r x in) and B (out x r) beside each targeted 
 
 Training memory (bytes) of one micro-batch, the tensors training allocates (what
 `torch.cuda.max_memory_allocated` counts; not the CUDA context, not the Python process). Notation: d bytes
-per value of the compute dtype (2 for bf16/fp16, 4 for fp32); T = micro_batch x max_seq_length tokens;
+per value of the compute dtype (2 for bf16/fp16, 4 for fp32); T = micro_batch x max_seq_length tokens (without
+packing, rows are padded to the batch's longest example: the longest training example when it is known);
 L layers; H hidden size; K the key/value width (kv heads x head dim); I the MLP's inner size; V vocabulary;
 P_q the weights of the linear layers (lm_head excluded), which bitsandbytes quantizes; P_o the other base
 weights (embeddings, norms); P_l the LoRA weights:
@@ -39,7 +40,8 @@ weights (embeddings, norms); P_l the LoRA weights:
                       two d-byte copies, rows * heads * R^2 * 2d a layer. Flash and memory-efficient kernels
                       (varlen, SDPA on CUDA) keep none.
     loss              TRL's chunked LM head: one min(T, 4096) x min(V, 32768) logits tile in d bytes, and the
-                      fp32 gradient of the last hidden state, T * H * 4. Full logits are never built.
+                      fp32 gradient of the last hidden state, T * H * 4. Full logits are never built. On a CPU
+                      (no Triton) TRL's torch fallback holds about five fp32 copies of the tile besides.
 
 Checked against measured peaks in docs/BENCHMARKS.md ("Memory estimate against measurement").
 """
@@ -54,6 +56,7 @@ NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit weight + 8-bit block scale (6
 LORA_BYTES = 4                             # adapters train and are saved in fp32
 ADAM_BYTES = {"adamw_8bit": 2, "paged_adamw_8bit": 2}  # bytes of optimizer state per trainable value; else 8
 LOSS_TOKEN_TILE, LOSS_VOCAB_TILE = 4096, 32768     # TRL's chunked log-prob tile
+CPU_TILE_TEMPORARIES = 5                           # fp32 copies of a tile TRL's torch fallback holds at once
 GPU_BUDGET_SHARE, CPU_BUDGET_SHARE = 0.8, 0.75     # memory_budget_gib "auto"
 
 
@@ -127,6 +130,14 @@ class Runtime:
     liger: bool
     packed: bool                # padding-free packing: a micro-batch is one row
     on_gpu: bool
+    longest_example: int | None = None  # tokens of the longest training example, when known: unpacked rows are
+                                        # padded to their batch's longest, not to max_seq_length
+
+    def row_length(self, config) -> int:
+        """Tokens of one row: max_seq_length when packed (or nothing is known), else the longest example."""
+        if self.packed or not self.longest_example:
+            return config.max_seq_length
+        return min(config.max_seq_length, self.longest_example)
 
     @classmethod
     def resolve(cls, config, shapes: ModelShapes, on_gpu: bool | None = None) -> "Runtime":
@@ -175,7 +186,7 @@ def training_memory(shapes: ModelShapes, config, setup: Runtime, micro_batch: in
     quantized, other = shapes.linear_parameters, shapes.total_parameters - shapes.linear_parameters
     base = quantized * NF4_BYTES + other * d if config.load_in_4bit else shapes.total_parameters * d
 
-    tokens = micro_batch * config.max_seq_length
+    tokens = micro_batch * setup.row_length(config)
     mlp = (3 if setup.liger else 4) * I if shapes.gated_mlp else 2 * I
     norms = (2 if setup.liger else 4) * H
     per_layer = (4 * H + 2 * K + norms + mlp) * d
@@ -187,13 +198,14 @@ def training_memory(shapes: ModelShapes, config, setup: Runtime, micro_batch: in
         activations = tokens * L * per_layer
 
     scores = 0.0
-    rows, row = (1, tokens) if setup.packed else (micro_batch, config.max_seq_length)
+    rows, row = (1, tokens) if setup.packed else (micro_batch, setup.row_length(config))
     kept_layers = 1 if setup.checkpointing else L
     if setup.attention == "eager":
         scores = rows * shapes.num_heads * row * row * (4 + d) * (kept_layers + 2)
     elif setup.attention == "sdpa":
         scores = rows * shapes.num_heads * row * row * 2 * d * kept_layers
-    loss = min(tokens, LOSS_TOKEN_TILE) * min(shapes.vocab_size, LOSS_VOCAB_TILE) * d + tokens * H * 4
+    tile = min(tokens, LOSS_TOKEN_TILE) * min(shapes.vocab_size, LOSS_VOCAB_TILE)
+    loss = tile * (d if setup.on_gpu else d + CPU_TILE_TEMPORARIES * 4) + tokens * H * 4
     return {
         "base weights": base,
         "LoRA weights": lora * LORA_BYTES,

@@ -103,3 +103,14 @@ def test_estimate_is_within_30_percent_of_every_measured_gpu_peak(shapes_dirs):
     for row in rows:
         estimate = benchmark.estimate_gib(row, shapes_dirs[row["arch"]])
         assert 0.7 <= estimate / row["peak_mem_gib"] <= 1.3, (row["run"], row["arch"], row["config"])
+
+
+def test_unpacked_rows_are_as_long_as_the_longest_example(llama, shapes_dirs):
+    config = RunConfig(base_model=shapes_dirs["llama-1b"], max_seq_length=1024, batch_size=4, packing=False)
+    setup = gpu_setup(config, llama, packed=False)
+    assert setup.row_length(config) == 1024  # nothing known: the worst case
+    short = dataclasses.replace(setup, longest_example=256)
+    assert short.row_length(config) == 256
+    assert dataclasses.replace(setup, packed=True, longest_example=256).row_length(config) == 1024  # packed rows fill up
+    full, quarter = (memory.training_memory(llama, config, s, 4)["activations"] for s in (setup, short))
+    assert quarter == pytest.approx(full / 4)
