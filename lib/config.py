@@ -66,9 +66,9 @@ class RunConfig:
     warmup_ratio: float = 0.05            # share of steps spent warming the learning rate up
     num_epochs: float = 1.0               # passes over the training rows (ignored when max_steps > 0)
     max_steps: int = -1                   # > 0: stop after this many optimizer steps (smoke runs, quick demos)
-    batch_size: int = 16                  # packed sequences per process per optimizer step
-    micro_batch_size: Any = "auto"        # sequences a forward pass, dividing batch_size (rest: accumulation); auto: largest that fits
-    memory_budget_gib: Any = "auto"       # memory the micro-batch may fill (lib/memory.py estimate); auto: 80% of the GPU, 75% of free RAM
+    batch_size: int = 16                  # sequences (packed, or one example each) per process per optimizer step
+    micro_batch_size: Any = "auto"        # sequences a pass, divides batch_size (rest accumulates); auto: largest that fits
+    memory_budget_gib: Any = "auto"       # memory a micro-batch may fill (lib/memory.py); auto: 80% of GPU, 75% of free RAM
     max_seq_length: int = 512             # tokens per packed sequence; longer examples are truncated
     packing: bool = True                  # pack several examples into one sequence, attention kept within each example
     completion_only_loss: bool = True     # learn from the answer tokens only, not from the prompt

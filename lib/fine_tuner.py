@@ -76,8 +76,8 @@ class FineTuner:
         self.memory_plan = {"micro_batch_size": size, "grad_accum": self.grad_accum,
                             "estimated_gib": round(estimate / 2**30, 3), "budget_gib": round(budget / 2**30, 3)}
         if estimate > budget:
-            warnings.warn(f"a micro-batch of {size} sequence(s) is estimated to need {estimate / 2**30:.1f} GiB, over the "
-                          f"memory budget of {budget / 2**30:.1f} GiB (memory_budget_gib="
+            warnings.warn(f"a micro-batch of {size} sequence(s) is estimated to need {estimate / 2**30:.1f} GiB, "
+                          f"over the memory budget of {budget / 2**30:.1f} GiB (memory_budget_gib="
                           f"{config.memory_budget_gib!r}); training may run out of memory", stacklevel=2)
 
     def _longest_example(self) -> int:

@@ -151,12 +151,13 @@ class Runtime:
         packed = config.packing and shapes.keeps_examples_apart
         if not shapes.flash_capable or config.attention == "eager":
             attention = "eager"
-        elif on_gpu and config.attention != "eager":
+        elif on_gpu:
             attention = "flash"  # varlen, or SDPA's flash/memory-efficient kernels: no scores kept
         else:
             attention = "sdpa"   # SDPA on a CPU
-        return cls(compute_bytes=compute_dtype(config.precision).itemsize, checkpointing=bool(checkpointing), attention=attention,
-                   liger=liger_enabled(config.liger_kernel, on_gpu), packed=packed, on_gpu=on_gpu)
+        return cls(compute_bytes=compute_dtype(config.precision).itemsize, checkpointing=bool(checkpointing),
+                   attention=attention, liger=liger_enabled(config.liger_kernel, on_gpu), packed=packed,
+                   on_gpu=on_gpu)
 
 
 def _targeted(shapes: ModelShapes, targets: list[str]) -> list[tuple[str, int, int]]:
