@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--timeout", type=int, default=240, help="seconds per configuration")
     parser.add_argument("--model-dir", help="where the random model is built (default: a folder under /tmp)")
     parser.add_argument("--unsloth-path", help="site folder holding Unsloth and its pins, for unsloth-* configs")
-    parser.add_argument("--out", help="JSON file of rows; this run's rows replace earlier ones of the same key")
+    parser.add_argument("--out", help="JSON file of rows; this run's rows replace earlier ones of the same key "
+                                      "(--memory-check rows are appended)")
     parser.add_argument("--report", help="print the markdown table of this JSON file of rows")
     parser.add_argument("--chart", help="with --report: also draw the tokens/s chart to this PNG")
     parser.add_argument("--runs", help="with --report: only rows of these runs (comma-separated `run` labels)")

@@ -68,7 +68,7 @@ class RunConfig:
     max_steps: int = -1                   # > 0: stop after this many optimizer steps (smoke runs, quick demos)
     batch_size: int = 16                  # sequences (packed, or one example each) per process per optimizer step
     micro_batch_size: Any = "auto"        # sequences a pass, divides batch_size (rest accumulates); auto: largest that fits
-    memory_budget_gib: Any = "auto"       # memory a micro-batch may fill (lib/memory.py); auto: 80% of GPU, 75% of free RAM
+    memory_budget_gib: Any = "auto"       # training memory a process may fill (lib/memory.py); auto: 80% of GPU, 75% of RAM
     max_seq_length: int = 512             # tokens per packed sequence; longer examples are truncated
     packing: bool = True                  # pack several examples into one sequence, attention kept within each example
     completion_only_loss: bool = True     # learn from the answer tokens only, not from the prompt

@@ -85,7 +85,8 @@ class FineTuner:
         if self.train_dataset is not None:
             return max((len(row["input_ids"]) for row in self.train_dataset if "input_ids" in row), default=0)
         texts = [row["prompt"] + row["completion"] for row in to_prompt_completion(self.train_rows, self.task)]
-        return max((len(ids) for ids in self.tokenizer(texts)["input_ids"]), default=0) + 1  # + end of text
+        longest = max((len(ids) for ids in self.tokenizer(texts)["input_ids"]), default=0)
+        return longest + 1 if longest else 0  # + the end-of-text token; 0: nothing known
 
     def _build_trainer(self, model):
         from datasets import Dataset

@@ -155,7 +155,9 @@ class Runtime:
             attention = "flash"  # varlen, or SDPA's flash/memory-efficient kernels: no scores kept
         else:
             attention = "sdpa"   # SDPA on a CPU
-        return cls(compute_bytes=compute_dtype(config.precision).itemsize, checkpointing=bool(checkpointing),
+        # "auto" on a GPU is bf16 (fp16 on older cards): 2 bytes, also when on_gpu is asked for on a CPU
+        compute_bytes = 2 if on_gpu and config.precision == "auto" else compute_dtype(config.precision).itemsize
+        return cls(compute_bytes=compute_bytes, checkpointing=bool(checkpointing),
                    attention=attention, liger=liger_enabled(config.liger_kernel, on_gpu), packed=packed,
                    on_gpu=on_gpu)
 
@@ -219,8 +221,12 @@ def training_memory(shapes: ModelShapes, config, setup: Runtime, micro_batch: in
 
 
 def budget_bytes(config, setup: Runtime) -> float:
-    """The memory a micro-batch may fill: `memory_budget_gib`, or for "auto" a share of the GPU's memory
-    (this process's GPU) or of the memory the machine has available now."""
+    """The training memory one process may fill: `memory_budget_gib`, or for "auto" a share of its GPU's
+    memory, or on a CPU a share of the machine's memory divided among its local processes. Both are read
+    from totals, not from what is free now, so every process of a launch computes the same budget and
+    chooses the same micro-batch (ranks with different accumulation would pair their all-reduces wrongly)."""
+    import os
+
     if config.memory_budget_gib != "auto":
         return config.memory_budget_gib * 2**30
     if setup.on_gpu:
@@ -231,7 +237,8 @@ def budget_bytes(config, setup: Runtime) -> float:
         return GPU_BUDGET_SHARE * torch.cuda.get_device_properties(process_device()).total_memory
     import psutil
 
-    return CPU_BUDGET_SHARE * psutil.virtual_memory().available
+    local_processes = max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
+    return CPU_BUDGET_SHARE * psutil.virtual_memory().total / local_processes
 
 
 def micro_batch(shapes: ModelShapes, config, setup: Runtime) -> tuple[int, float, float]:

@@ -129,15 +129,19 @@ class LoraPanel:
     @property
     def config(self) -> RunConfig:
         """The RunConfig of the current values: the notebook's config with the panel's settings on top."""
+        micro = self.base_config.micro_batch_size  # a fixed micro-batch that no longer divides the batch: auto
+        if micro != "auto" and self.batch_size.value % micro:
+            micro = "auto"
         return self.base_config.replace(
-            lora_r=self.rank.value, lora_alpha=self.alpha.value, lora_dropout=round(self.dropout.value, 4),
+            micro_batch_size=micro, lora_r=self.rank.value, lora_alpha=self.alpha.value, lora_dropout=round(self.dropout.value, 4),
             target_modules=self.target_modules, learning_rate=float(f"{self.learning_rate.value:.3g}"),
             num_epochs=float(self.num_epochs.value), max_steps=self.max_steps.value, batch_size=self.batch_size.value,
             max_seq_length=self.max_seq_length.value, load_in_4bit=self.load_in_4bit.value)
 
     def estimate(self) -> dict:
         """Trainable parameters, their share, adapter bytes, the micro-batch the FineTuner would choose on this
-        machine and the training-memory parts at that micro-batch, for `config`."""
+        machine if every row were max_seq_length tokens long (the panel has no data), and the training-memory
+        parts at that micro-batch, for `config`."""
         config = self.config
         trainable = memory.trainable_parameters(self.shapes, config.lora_r, config.target_module_list())
         setup = memory.Runtime.resolve(config, self.shapes)

@@ -114,3 +114,27 @@ def test_unpacked_rows_are_as_long_as_the_longest_example(llama, shapes_dirs):
     assert dataclasses.replace(setup, packed=True, longest_example=256).row_length(config) == 1024  # packed rows fill up
     full, quarter = (memory.training_memory(llama, config, s, 4)["activations"] for s in (setup, short))
     assert quarter == pytest.approx(full / 4)
+
+
+def test_fine_tuner_estimates_unpacked_rows_at_the_longest_example(tiny_config):
+    from lib.fine_tuner import FineTuner
+
+    tuner = FineTuner(tiny_config(packing=False, max_seq_length=256)).setup()
+    longest = tuner._longest_example()
+    assert 20 < longest < 256  # the tiny SQL rows: a schema, a question and a query
+    shapes = memory.read_shapes(tuner.model_path)
+    setup = dataclasses.replace(memory.Runtime.resolve(tuner.config, shapes), longest_example=longest)
+    expected = total(memory.training_memory(shapes, tuner.config, setup, tuner.micro_batch_size))
+    assert tuner.memory_plan["estimated_gib"] == pytest.approx(expected / 2**30, abs=1e-3)
+    full = total(memory.training_memory(shapes, tuner.config, dataclasses.replace(setup, longest_example=None), 2))
+    assert expected < full
+
+
+def test_cpu_budget_is_shared_by_the_local_processes(llama, shapes_dirs, monkeypatch):
+    config = RunConfig(base_model=shapes_dirs["llama-1b"])
+    setup = memory.Runtime.resolve(config, llama, on_gpu=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    alone = memory.budget_bytes(config, setup)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert memory.budget_bytes(config, setup) == pytest.approx(alone / 2)
+    assert memory.budget_bytes(config.replace(memory_budget_gib=3), setup) == 3 * 2**30
