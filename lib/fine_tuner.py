@@ -11,7 +11,6 @@ class decides what to train on, where results go, and what is recorded.
 
 from __future__ import annotations
 
-import importlib.util
 import platform
 import resource
 import sys
@@ -21,10 +20,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lib import memory, runs
-from lib.attention import keeps_packed_examples_apart
 from lib.config import RunConfig
 from lib.data import load_splits, to_prompt_completion
-from lib.models import compute_dtype, load_base_model, load_tokenizer, resolve_base_model, resolve_target_modules
+from lib.models import compute_dtype, load_base_model, load_tokenizer, resolve_base_model
 from lib.tasks import get_task
 
 
@@ -50,13 +48,14 @@ class FineTuner:
         config = self.config
         runs.check_run_dir(config)
         self.model_path = resolve_base_model(config.base_model)
-        self.target_modules = resolve_target_modules(config.target_module_list(), self.model_path)
+        shapes = memory.read_shapes(self.model_path)  # the model's layers, read once without weights
+        self.target_modules = shapes.resolve(config.target_module_list())
         if self.train_dataset is None:
             self.train_rows, self.eval_rows = load_splits(config)
         else:
             self.train_rows, self.eval_rows = self.train_dataset, []
         self.tokenizer = load_tokenizer(self.model_path)
-        self._plan_micro_batch()
+        self._plan_micro_batch(shapes)
         model = load_base_model(self.model_path, config.load_in_4bit, attention=config.attention,
                                 precision=config.precision)
         self.trainer = self._build_trainer(model)
@@ -64,13 +63,13 @@ class FineTuner:
             runs.start_run_dir(config)
         return self
 
-    def _plan_micro_batch(self) -> None:
+    def _plan_micro_batch(self, shapes: memory.ModelShapes) -> None:
         """Split batch_size into micro-batches that fit the memory budget (lib/memory.py estimates)."""
         config = self.config
-        shapes = memory.read_shapes(self.model_path)
         setup = memory.Runtime.resolve(config, shapes)
         if not setup.packed:
             setup = replace(setup, longest_example=self._longest_example())
+        self.runtime = setup  # checkpointing, Liger and packing as the trainer will run them
         size, estimate, budget = memory.micro_batch(shapes, config, setup)
         self.micro_batch_size, self.grad_accum = size, config.batch_size // size
         self.memory_plan = {"micro_batch_size": size, "grad_accum": self.grad_accum,
@@ -84,7 +83,7 @@ class FineTuner:
         """Tokens of the longest training example (prompt and answer), as the trainer will see it."""
         if self.train_dataset is not None:
             return max((len(row["input_ids"]) for row in self.train_dataset if "input_ids" in row), default=0)
-        texts = [row["prompt"] + row["completion"] for row in to_prompt_completion(self.train_rows, self.task)]
+        texts = [self.task.text(row) for row in self.train_rows]
         longest = max((len(ids) for ids in self.tokenizer(texts)["input_ids"]), default=0)
         return longest + 1 if longest else 0  # + the end-of-text token; 0: nothing known
 
@@ -93,7 +92,7 @@ class FineTuner:
         from trl import SFTTrainer
 
         rows = to_prompt_completion(self.train_rows, self.task) if self.train_dataset is None else self.train_dataset
-        trainer = SFTTrainer(model=model, args=self._training_args(model), train_dataset=Dataset.from_list(rows),
+        trainer = SFTTrainer(model=model, args=self._training_args(), train_dataset=Dataset.from_list(rows),
                              processing_class=self.tokenizer, peft_config=self._lora_config())
         if trainer.args.fp16:  # fp16 loss scaling unscales fp32 gradients only; TRL casts 4-bit adapters to bf16
             for parameter in trainer.model.parameters():
@@ -108,7 +107,7 @@ class FineTuner:
         return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=self.target_modules, bias="none", task_type="CAUSAL_LM")
 
-    def _training_args(self, model):
+    def _training_args(self):
         import torch
         from trl import SFTConfig
 
@@ -123,14 +122,14 @@ class FineTuner:
             num_train_epochs=config.num_epochs,
             max_steps=config.max_steps,
             max_grad_norm=config.max_grad_norm,
-            gradient_checkpointing=on_gpu if config.gradient_checkpointing == "auto" else config.gradient_checkpointing,
+            gradient_checkpointing=self.runtime.checkpointing,
             bf16=dtype == torch.bfloat16,
             fp16=dtype == torch.float16,
             use_cpu=not on_gpu,
             optim=optimizer_name(config.optimizer, on_gpu),
-            use_liger_kernel=liger_enabled(config.liger_kernel, on_gpu),
+            use_liger_kernel=self.runtime.liger,
             # packed examples share a row: only models that read position_ids keep them apart (not bloom)
-            packing=config.packing and keeps_packed_examples_apart(model),
+            packing=self.runtime.packed,
             max_length=config.max_seq_length,
             completion_only_loss=config.completion_only_loss,
             logging_steps=config.logging_steps,
@@ -218,13 +217,6 @@ def optimizer_name(optimizer: str, on_gpu: bool) -> str:
     if optimizer != "auto":
         return optimizer
     return "adamw_torch_fused" if on_gpu else "adamw_torch"
-
-
-def liger_enabled(liger_kernel: str, on_gpu: bool) -> bool:
-    """Liger's Triton kernels run on CUDA only; "auto" turns them on where they can run."""
-    if liger_kernel != "auto":
-        return liger_kernel == "on"
-    return on_gpu and importlib.util.find_spec("liger_kernel") is not None
 
 
 def allow_indexed_cpu_locations() -> None:

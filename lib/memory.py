@@ -48,6 +48,7 @@ Checked against measured peaks in docs/BENCHMARKS.md ("Memory estimate against m
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 from lib.models import empty_model, layer_names, linear_layers, select_targets
@@ -143,7 +144,6 @@ class Runtime:
     def resolve(cls, config, shapes: ModelShapes, on_gpu: bool | None = None) -> "Runtime":
         import torch
 
-        from lib.fine_tuner import liger_enabled
         from lib.models import compute_dtype
 
         on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
@@ -160,6 +160,13 @@ class Runtime:
         return cls(compute_bytes=compute_bytes, checkpointing=bool(checkpointing),
                    attention=attention, liger=liger_enabled(config.liger_kernel, on_gpu), packed=packed,
                    on_gpu=on_gpu)
+
+
+def liger_enabled(liger_kernel: str, on_gpu: bool) -> bool:
+    """Liger's Triton kernels run on CUDA only; "auto" turns them on where they can run."""
+    if liger_kernel != "auto":
+        return liger_kernel == "on"
+    return on_gpu and importlib.util.find_spec("liger_kernel") is not None
 
 
 def _targeted(shapes: ModelShapes, targets: list[str]) -> list[tuple[str, int, int]]:

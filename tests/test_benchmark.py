@@ -1,5 +1,6 @@
 """The benchmark job end to end on CPU (tiny random llama, a few steps), and its arithmetic and report."""
 
+import datetime
 import json
 import subprocess
 import sys
@@ -29,6 +30,9 @@ def test_job_writes_a_row_per_configuration_with_the_required_keys(rows):
     assert [row["config"] for row in rows] == ["default", "unsloth-b8"]
     for row in rows:
         assert set(benchmark.REQUIRED_KEYS) <= set(row)
+        # the issue's keys, written out here so the job and its list cannot drop one together
+        assert {"card", "date", "arch", "config", "gpus", "seq_len", "tokens_per_s", "peak_mem_gib", "mfu"} <= set(row)
+        assert row["card"] and datetime.date.fromisoformat(row["date"][:10])
         assert (row["arch"], row["gpus"], row["seq_len"]) == ("tiny-llama", 1, 64)
 
 

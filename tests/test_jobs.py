@@ -112,6 +112,9 @@ def test_task_notebook_ran_every_cell_with_the_job_parameters(task_runs, task):
               if "image/png" in output.get("data", {})]
     assert len(images) >= 2, "the loss curve and the metrics chart are displayed"
     assert "trainable parameters" in outputs_text(notebook)
+    panel_cell = next(cell for cell in notebook.cells if "LoraPanel(" in cell.source)
+    assert any("application/vnd.jupyter.widget-view+json" in output.get("data", {})
+               for output in panel_cell.outputs), "the LoRA panel is displayed under papermill"
 
 
 @pytest.mark.parametrize("task", TASK_JOBS)

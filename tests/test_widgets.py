@@ -129,3 +129,7 @@ def test_train_button_trains_with_progress_and_loss_then_compare_answers(tiny_co
     assert not panel.compare_button.disabled
     base, tuned = panel.compare()
     assert isinstance(base, str) and isinstance(tuned, str) and panel.answers.outputs
+    import html
+
+    shown_answers = panel.answers.outputs[0]["data"]["text/html"]
+    assert f"<pre>{html.escape(base)}</pre>" in shown_answers and f"<pre>{html.escape(tuned)}</pre>" in shown_answers
