@@ -1,12 +1,14 @@
 """Recipe study: train and evaluate variants of a task's recipe through the project's own path.
 
     python jobs/recipe_study.py --task sql --variant baseline --variant lr1e-3:learning_rate=1e-3
-    python jobs/recipe_study.py --task sql --variant whole-text:completion_only_loss=false --out docs/quality_runs.jsonl
+    python jobs/recipe_study.py --task sql --recipe gpu --set data=train.jsonl --set eval_data=dev.jsonl \
+        --train-label "sql-create-context (WikiSQL rows)" --eval-label "WikiSQL dev" \
+        --variant tags --variant chat:prompt_format=chat --out docs/quality_runs.jsonl
 
-A variant is NAME or NAME:setting=value,setting=value on top of the task's
-default recipe (`RunConfig.for_task`). Each one trains with the FineTuner,
-compares base model and adapter on the same held-out rows, and appends one JSON
-line (settings, metrics, training tokens, wall time, device) to `--out`.
+A variant is NAME or NAME:setting=value,setting=value on top of the task's recipe for --recipe (cpu, gpu, or
+auto) and the --set overrides. Each one trains with the FineTuner, scores base model, adapter and the task's
+baselines on the same held-out rows, and appends one JSON line to --out in the shape of docs/quality.json
+(task, model, trained_on, evaluated_on, recipe, metrics, date) plus the settings, steps, tokens and timings.
 """
 
 from __future__ import annotations
@@ -19,51 +21,61 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib.config import RunConfig  # noqa: E402
+from lib.config import RunConfig, parse_overrides, task_recipe  # noqa: E402
+from lib.evaluation import evaluate_run  # noqa: E402
 from lib.fine_tuner import FineTuner  # noqa: E402
-from lib.train import _parse_value, evaluate_run  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
     name, _, settings = text.partition(":")
-    overrides = {}
-    for item in filter(None, settings.split(",")):
-        key, _, value = item.partition("=")
-        overrides[key.strip()] = _parse_value(value.strip())
-    return name, overrides
+    return name, parse_overrides([item for item in settings.split(",") if item])
 
 
-def run_variant(task: str, name: str, overrides: dict, output_dir: str) -> dict:
-    config = RunConfig.for_task(task, output_dir=output_dir, run_name=f"{task}-{name}-{int(time.time())}",
-                                **overrides)
+def run_variant(args: argparse.Namespace, name: str, overrides: dict) -> dict:
+    settings = {**parse_overrides(args.set), **overrides}
+    config = RunConfig.from_dict({"task": args.task, **task_recipe(args.task, args.recipe), "output_dir": args.output_dir,
+                                  "run_name": f"{args.task}-{name}-{int(time.time())}", **settings})
     started = time.perf_counter()
     tuner = FineTuner(config).setup()
     result = tuner.train()
     trained_s = time.perf_counter() - started
     report = evaluate_run(tuner.config, tuner.eval_rows, tuner.model_path)
     record = result.record
-    return {"task": task, "variant": name, "overrides": overrides, "base": report["base"],
-            "adapter": report["adapter"], "train_rows": record["train_rows"], "eval_rows": report["rows"],
-            "steps": record["global_step"], "train_tokens": record["train_tokens"],
-            "train_wall_s": round(trained_s, 1), "total_wall_s": round(time.perf_counter() - started, 1),
-            "tokens_per_s": record["tokens_per_s"], "device": record["device"],
-            "date": time.strftime("%Y-%m-%d"), "examples": report["examples"][:3]}
+    config = tuner.config
+    return {
+        "task": args.task, "variant": name,
+        "model": config.base_model if config.base_model != "embedded" else "SmolLM2-135M-Instruct (embedded)",
+        "trained_on": {"source": args.train_label or config.data, "rows": record["train_rows"]},
+        "evaluated_on": {"source": args.eval_label or config.eval_data or f"held-out split of {config.data}",
+                         "split": args.eval_split, "rows": report["rows"]},
+        "recipe": args.recipe, "prompt_format": config.prompt_format, "overrides": settings,
+        "metrics": {"base": report["base"], "adapter": report["adapter"], **report["baselines"]},
+        "steps": record["global_step"], "train_tokens": record["train_tokens"],
+        "train_wall_s": round(trained_s, 1), "total_wall_s": round(time.perf_counter() - started, 1),
+        "tokens_per_s": record["tokens_per_s"], "peak_memory_gib": record["peak_memory_gib"],
+        "device": record["device"], "date": time.strftime("%Y-%m-%d"), "examples": report["examples"][:3],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", required=True)
-    parser.add_argument("--variant", action="append", required=True)
+    parser.add_argument("--variant", action="append", required=True, help="NAME or NAME:setting=value,...")
+    parser.add_argument("--recipe", default="cpu", choices=("cpu", "gpu", "auto"))
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="for every variant")
+    parser.add_argument("--train-label", default="", help="what the training data is, for the record")
+    parser.add_argument("--eval-label", default="", help="what the evaluation data is, for the record")
+    parser.add_argument("--eval-split", default="dev", help="which split the evaluation rows are")
     parser.add_argument("--output-dir", default="runs/recipe-study")
     parser.add_argument("--out", default="docs/quality_runs.jsonl")
     args = parser.parse_args(argv)
     for text in args.variant:
         name, overrides = parse_variant(text)
-        row = run_variant(args.task, name, overrides, args.output_dir)
+        row = run_variant(args, name, overrides)
         with open(args.out, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
-        print(f"{name}: base {row['base']} -> adapter {row['adapter']} "
-              f"({row['train_tokens']} tokens, {row['train_wall_s']} s)", flush=True)
+        print(f"{args.task} {name}: {json.dumps(row['metrics'])} ({row['train_tokens']} tokens, "
+              f"{row['steps']} steps, {row['train_wall_s']} s, {row['tokens_per_s']} tokens/s)", flush=True)
     return 0
 
 

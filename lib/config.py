@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 TASK_NAMES = ("instruction", "sql", "detox")
+PROMPT_FORMATS = ("tags", "chat")
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 TARGET_PRESETS = ("all-linear", "attention")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -28,12 +29,38 @@ AUTO_OR_NUMBER = ("micro_batch_size", "memory_budget_gib")  # "auto" or a number
 NAME_MAX_BYTES = 255  # longest file or folder name, in bytes, on common file systems (ext4, xfs, APFS)
 
 
-# Each task's measured default recipe (docs/QUALITY.md): only what differs from RunConfig's defaults.
+# Each task's measured default recipes (docs/QUALITY.md), per device: only what differs from RunConfig's
+# defaults. "cpu" is sized for a workshop's 2 cores; "gpu" (chosen when CUDA is present) fills a GPU.
 TASK_RECIPES = {
-    "sql": dict(train_rows=500, max_seq_length=256, batch_size=2, learning_rate=1e-3, packing=False),
-    "instruction": dict(train_rows=1200, max_seq_length=256, batch_size=2, learning_rate=1e-3),
-    "detox": dict(train_rows=500, max_seq_length=256, batch_size=2, learning_rate=1e-3),
+    "sql": {
+        "cpu": dict(train_rows=500, max_seq_length=256, batch_size=2, learning_rate=1e-3, packing=False),
+        "gpu": dict(train_rows=20000, max_seq_length=512, batch_size=16, learning_rate=1e-3, num_epochs=4.0,
+                    eval_rows=300, prompt_format="chat"),
+    },
+    "instruction": {
+        "cpu": dict(train_rows=1200, max_seq_length=256, batch_size=2, learning_rate=1e-3),
+        "gpu": dict(train_rows=6000, max_seq_length=1024, batch_size=16, learning_rate=5e-4, num_epochs=1.0,
+                    eval_rows=100),
+    },
+    "detox": {
+        "cpu": dict(train_rows=500, max_seq_length=256, batch_size=2, learning_rate=1e-3),
+        "gpu": dict(train_rows=10000, max_seq_length=256, batch_size=16, learning_rate=1e-3, num_epochs=1.0,
+                    eval_rows=300),
+    },
 }
+RECIPE_DEVICES = ("auto", "cpu", "gpu")
+
+
+def task_recipe(task: str, device: str = "auto") -> dict:
+    """The settings of a task's recipe for a device ("auto": "gpu" when CUDA is present, else "cpu")."""
+    if task not in TASK_RECIPES:
+        raise ConfigError("task", task, f"one of {', '.join(TASK_NAMES)}")
+    _check_choice("recipe", device, RECIPE_DEVICES)
+    if device == "auto":
+        import torch
+
+        device = "gpu" if torch.cuda.is_available() else "cpu"
+    return dict(TASK_RECIPES[task][device])
 
 
 class ConfigError(ValueError):
@@ -50,9 +77,11 @@ class RunConfig:
     task: str = "sql"                     # instruction | sql | detox
     base_model: str = "embedded"          # "embedded" (SmolLM2-135M-Instruct, offline), a Hub id, or a model directory
     data: str = "embedded"                # "embedded" (offline generator), "hub" (the task's Hub dataset) or a local file
+    eval_data: str = ""                   # "": hold out eval_rows of `data`; or a file (same formats and column_map)
     column_map: dict = field(default_factory=dict)  # file column -> task field, when a file uses other column names
     train_rows: int = 1000                # training rows (generated, or taken from the file or Hub dataset)
     eval_rows: int = 100                  # held-out rows, disjoint from training, for base vs adapter evaluation
+    prompt_format: str = "tags"           # tags: the seed's "<TABLE>: ..." prompts | chat: the base model's chat template
     seed: int = 42                        # seeds data, split, LoRA initialisation and trainer: same seed, same run
     # QLoRA: a frozen 4-bit base model plus small trainable low-rank adapters
     load_in_4bit: bool = True             # NF4 base weights with double quantization; False keeps the base in 16/32 bit
@@ -99,11 +128,9 @@ class RunConfig:
         return cls(**{key: _auto_or_number(value) if key in AUTO_OR_NUMBER else value for key, value in values.items()})
 
     @classmethod
-    def for_task(cls, task: str, **overrides) -> "RunConfig":
-        """The task's default recipe, with `overrides` on top."""
-        if task not in TASK_RECIPES:
-            raise ConfigError("task", task, f"one of {', '.join(TASK_NAMES)}")
-        return cls.from_dict({"task": task, **TASK_RECIPES[task], **overrides})
+    def for_task(cls, task: str, device: str = "cpu", **overrides) -> "RunConfig":
+        """The task's recipe for `device` (cpu, gpu or auto), with `overrides` on top."""
+        return cls.from_dict({"task": task, **task_recipe(task, device), **overrides})
 
     @classmethod
     def from_namespace(cls, namespace: dict) -> "RunConfig":
@@ -153,6 +180,9 @@ class RunConfig:
         _check_choice("task", self.task, TASK_NAMES)
         _check_text("base_model", self.base_model)
         _check_data(self.data)
+        if self.eval_data != "":
+            _check_data(self.eval_data, "eval_data", sources="'' (a split of data)")
+        _check_choice("prompt_format", self.prompt_format, PROMPT_FORMATS)
         _check_column_map(self.column_map)
         for name in ("train_rows", "eval_rows", "lora_r", "lora_alpha", "batch_size",
                      "logging_steps", "save_steps"):
@@ -187,6 +217,26 @@ class RunConfig:
         _check_path("output_dir", self.output_dir)
         _check_run_name(self.run_name)
         return self
+
+
+def parse_value(text: str) -> Any:
+    """A value written on a command line (`--set name=VALUE`, a variant): JSON when it parses
+    (numbers, true/false, lists, mappings), else the text itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`name=value` items (the CLI's repeated `--set`) as a mapping of settings; a later item wins."""
+    values = {}
+    for item in items:
+        name, equals, text = item.partition("=")
+        if not equals or not name.strip():
+            raise ConfigError("--set", item, "name=value")
+        values[name.strip()] = parse_value(text.strip())
+    return values
 
 
 def _auto_or_number(value: Any) -> Any:
@@ -246,19 +296,21 @@ def _check_bool(name: str, value: Any) -> None:
         raise ConfigError(name, value, "true or false")
 
 
-def _check_data(value: Any) -> None:
-    _check_text("data", value)
-    if value in ("embedded", "hub"):
+def _check_data(value: Any, name: str = "data", sources: str = "'embedded', 'hub'") -> None:
+    _check_text(name, value)
+    if name == "data" and value in ("embedded", "hub"):
         return
     path = Path(value)
     if path.suffix.lower() not in DATA_FILE_SUFFIXES:
-        raise ConfigError("data", value, f"'embedded', 'hub' or a file ending in {', '.join(DATA_FILE_SUFFIXES)}")
+        raise ConfigError(name, value, f"{sources} or a file ending in {', '.join(DATA_FILE_SUFFIXES)}")
     try:
-        is_file = path.is_file()
+        is_file, is_dir = path.is_file(), path.is_dir()
     except OSError as error:  # e.g. a name longer than the file system allows
-        raise ConfigError("data", value, f"a path to an existing file ({error.strerror})") from None
+        raise ConfigError(name, value, f"a path to an existing file ({error.strerror})") from None
+    if is_dir:
+        raise ConfigError(name, value, "a data file (this is a directory)")
     if not is_file:
-        raise ConfigError("data", value, "an existing file (this one is missing)")
+        raise ConfigError(name, value, "an existing file (this one is missing)")
 
 
 def _check_column_map(value: Any) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import warnings
 from pathlib import Path
 
 from lib.config import ConfigError, RunConfig
@@ -21,12 +22,35 @@ class DataError(ValueError):
 
 
 def load_splits(config: RunConfig) -> tuple[list[dict], list[dict]]:
-    """(train rows, eval rows) for the config's task and data source, disjoint and deterministic."""
+    """(train rows, eval rows) for the config's task and data source, disjoint and deterministic.
+
+    With `eval_data`, the eval rows are the first `eval_rows` rows of that file (in file order, so scores of
+    different runs share their rows) and training may use every row of `data`; rows whose prompt also
+    appears in the eval file are left out of training."""
     task = get_task(config.task)
+    if not config.eval_data:
+        if config.data == "embedded":
+            return task.embedded_splits(config.train_rows, config.eval_rows, config.seed)
+        return split_rows(_source_rows(config, task), config.train_rows, config.eval_rows, config.seed)
+    eval_rows = read_rows(config.eval_data, task, config.column_map)[:config.eval_rows]
     if config.data == "embedded":
-        return task.embedded_splits(config.train_rows, config.eval_rows, config.seed)
-    rows = _hub_rows(task) if config.data == "hub" else read_rows(config.data, task, config.column_map)
-    return split_rows(rows, config.train_rows, config.eval_rows, config.seed)
+        train = task.generate(config.train_rows + len(eval_rows), config.seed)
+    else:
+        train = _source_rows(config, task)
+        random.Random(config.seed).shuffle(train)
+    held_out = {task.prompt(row) for row in eval_rows}
+    train = [row for row in train if task.prompt(row) not in held_out][:config.train_rows]
+    if not train:
+        raise DataError(f"{config.data}: no training rows left: every row is also among the {len(eval_rows)} "
+                        f"scored rows of eval_data {config.eval_data}")
+    if len(eval_rows) < config.eval_rows:
+        warnings.warn(f"eval_data {config.eval_data} has {len(eval_rows)} rows; scoring those, not the "
+                      f"{config.eval_rows} of eval_rows", stacklevel=2)
+    return train, eval_rows
+
+
+def _source_rows(config: RunConfig, task: Task) -> list[dict]:
+    return _hub_rows(task) if config.data == "hub" else read_rows(config.data, task, config.column_map)
 
 
 def split_rows(rows: list[dict], train_rows: int, eval_rows: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -46,9 +70,10 @@ def read_rows(path: str | Path, task: Task, column_map: dict | None = None) -> l
     return [_task_row(record, task, column_map or {}, path) for record in records]
 
 
-def to_prompt_completion(rows: list[dict], task: Task) -> list[dict]:
-    """The trainer's view of rows: the inference prompt and the answer that follows it."""
-    return [{"prompt": task.prompt(row), "completion": task.completion(row)} for row in rows]
+def to_prompt_completion(rows: list[dict], fmt) -> list[dict]:
+    """The trainer's view of rows in a prompt format (lib/prompts.py): the inference prompt and the answer
+    that follows it; the trainer appends the end-of-text token to the answer."""
+    return [{"prompt": fmt.prompt(row), "completion": fmt.completion(row)} for row in rows]
 
 
 def _read_records(path: Path) -> list[dict]:
@@ -110,12 +135,14 @@ def _task_row(record: dict, task: Task, column_map: dict, path: Path) -> dict:
         mapping = f" after column_map {column_map}" if column_map else ""
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}{mapping}; "
                         f"task {task.name!r} expects {', '.join(task.fields)}; found {found}")
-    return {name: _single_line("" if renamed[name] is None else str(renamed[name])) for name in task.fields}
+    return {name: _field_text(renamed[name]) for name in task.fields}
 
 
-def _single_line(text: str) -> str:
-    """Answers end at the first newline at inference, so fields are kept on one line."""
-    return " ".join(text.split())
+def _field_text(value) -> str:
+    """A cell as text: line breaks kept (answers may span lines: lists, code, formatted SQL) and unified,
+    surrounding whitespace dropped."""
+    text = "" if value is None else str(value)
+    return text.replace("\r\n", "\n").replace("\r", "\n").strip()
 
 
 def _hub_rows(task: Task) -> list[dict]:

@@ -6,28 +6,35 @@
 
 The base model is loaded once; adapters are attached to it by name and
 switched with PEFT, and the base answers come from the same weights with every
-adapter disabled. Decoding is greedy and stops at the end of the answer line;
-base and adapter answers are cleaned the same way before scoring.
+adapter disabled. Decoding is greedy and stops at the end-of-text token (and,
+in the tags format, at the next tag); base and adapter answers are cleaned the
+same way before scoring. Every report also scores the task's trivial baselines
+(detox: the input copied unchanged), which a useful adapter must beat.
+
+To score saved adapters on a file without training, see lib/evaluate.py.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from lib import runs
 from lib.models import load_base_model, load_tokenizer
+from lib.prompts import PromptFormat
 from lib.tasks import Task
 
 BASE = "base"
 
 
 class Evaluator:
-    def __init__(self, model_path: str, load_in_4bit: bool = True, batch_size: int = 16):
+    def __init__(self, model_path: str, load_in_4bit: bool = True, batch_size: int | None = None):
         self.tokenizer = load_tokenizer(model_path)
         self.tokenizer.padding_side = "left"  # generated tokens must follow the prompt directly
         self.model = load_base_model(model_path, load_in_4bit)
         self.model.eval()
-        self.batch_size = batch_size
+        self.batch_size = batch_size or (64 if self.model.device.type == "cuda" else 16)  # a GPU takes more rows
         self.adapters: dict[str, str] = {}
+        self.adapter_formats: dict[str, str] = {}  # adapter name -> the prompt format it was trained with
 
     def attach(self, name: str, adapter_dir: str | Path) -> None:
         """Load an adapter next to the others; the base weights are shared, not copied."""
@@ -41,35 +48,56 @@ class Evaluator:
             self.model.load_adapter(str(adapter_dir), adapter_name=name)
         self.model.eval()
         self.adapters[name] = str(adapter_dir)
+        self.adapter_formats[name] = trained_prompt_format(adapter_dir)
 
-    def answers(self, task: Task, rows: list[dict], adapter: str = BASE, progress: bool = True) -> list[str]:
-        """Cleaned greedy answers for the rows' prompts, from the base model or a named adapter."""
-        prompts = [task.prompt(row) for row in rows]
-        return [task.clean(text) for text in self.generate(prompts, task.max_new_tokens, adapter, progress)]
+    def adapter_format(self, task: Task, adapter: str) -> PromptFormat:
+        """The prompt format an attached adapter was trained with."""
+        return self.prompt_format(task, self.adapter_formats.get(adapter, "tags"))
+
+    def prompt_format(self, task: Task, name: str = "tags") -> PromptFormat:
+        return PromptFormat.build(name, task, self.tokenizer)
+
+    def answers(self, fmt: PromptFormat, rows: list[dict], adapter: str = BASE, progress: bool = True) -> list[str]:
+        """Cleaned greedy answers for the rows' prompts in a format, from the base model or a named adapter."""
+        prompts = [fmt.prompt(row) for row in rows]
+        texts = self.generate(prompts, fmt.task.max_new_tokens, adapter, progress, fmt.stop_strings)
+        return [fmt.clean(text) for text in texts]
 
     def generate(self, prompts: list[str], max_new_tokens: int, adapter: str = BASE,
-                 progress: bool = False) -> list[str]:
-        """Raw greedy continuations of the prompts."""
+                 progress: bool = False, stop_strings: list[str] | None = None) -> list[str]:
+        """Raw greedy continuations of the prompts, longest prompts first (less padding per batch)."""
         from tqdm.auto import tqdm
 
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         batches = range(0, len(prompts), self.batch_size)
-        texts = []
+        texts = [""] * len(prompts)
         with self._adapter(adapter):
             for start in tqdm(batches, desc=f"generating ({adapter})", disable=not progress, leave=False):
-                texts += self._generate_batch(prompts[start:start + self.batch_size], max_new_tokens)
+                chosen = order[start:start + self.batch_size]
+                outputs = self._generate_batch([prompts[i] for i in chosen], max_new_tokens, stop_strings)
+                for index, text in zip(chosen, outputs):
+                    texts[index] = text
         return texts
 
-    def _generate_batch(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+    def _generate_batch(self, prompts: list[str], max_new_tokens: int, stop_strings: list[str] | None) -> list[str]:
         import torch
 
         inputs = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.model.device)
+        stops = {"stop_strings": stop_strings, "tokenizer": self.tokenizer} if stop_strings else {}
         with torch.inference_mode():
             output = self.model.generate(
-                **inputs, max_new_tokens=max_new_tokens, do_sample=False, stop_strings=["\n"],
-                tokenizer=self.tokenizer, pad_token_id=self.tokenizer.pad_token_id,
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self._end_tokens(),
+                pad_token_id=self.tokenizer.pad_token_id, **stops,
             )
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
         return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+    def _end_tokens(self) -> list[int]:
+        """Tokens that end an answer: the tokenizer's end-of-text (which training appends) and whatever the
+        model's generation config already stops at (a chat model's end-of-turn token, e.g. Llama 3's)."""
+        configured = self.model.generation_config.eos_token_id
+        configured = [configured] if isinstance(configured, int) else list(configured or [])
+        return list(dict.fromkeys([self.tokenizer.eos_token_id, *configured]))
 
     def _adapter(self, adapter: str):
         """A context in which the model answers as `adapter` (or as the bare base model)."""
@@ -82,25 +110,70 @@ class Evaluator:
         self.model.set_adapter(adapter)
         return nullcontext()
 
-    def compare(self, task: Task, rows: list[dict], adapter: str, examples: int = 5) -> dict:
-        """Base vs adapter metrics on the rows, and a few example answers side by side."""
-        base_answers = self.answers(task, rows, BASE)
-        adapter_answers = self.answers(task, rows, adapter)
+    def compare(self, task: Task, rows: list[dict], adapter: str, examples: int = 5,
+                prompt_format: str | None = None) -> dict:
+        """Base vs adapter metrics on the rows (both prompted in the adapter's format unless
+        `prompt_format` says otherwise), the task's baselines, and a few example answers side by side."""
+        fmt = self.adapter_format(task, adapter) if prompt_format is None else self.prompt_format(task, prompt_format)
+        prompt_format = fmt.name
+        base_answers = self.answers(fmt, rows, BASE)
+        adapter_answers = self.answers(fmt, rows, adapter)
         return {
             "task": task.name,
             "rows": len(rows),
+            "prompt_format": prompt_format,
             "headline_metric": task.headline_metric,
             "base": task.score(base_answers, rows),
             "adapter": task.score(adapter_answers, rows),
-            "examples": [{"prompt": task.prompt(row), "reference": row[task.answer_field],
+            "baselines": {name: task.score(answers, rows) for name, answers in task.baselines(rows).items()},
+            "examples": [{"prompt": fmt.prompt(row), "reference": row[task.answer_field],
                           "base": base, "adapter": tuned}
                          for row, base, tuned in list(zip(rows, base_answers, adapter_answers))[:examples]],
         }
 
 
+def trained_prompt_format(adapter_dir: str | Path) -> str:
+    """The prompt format an adapter was trained with, from its run record ("tags" for older adapters)."""
+    import json
+
+    try:
+        record = json.loads((Path(adapter_dir) / runs.RUN_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "tags"
+    return record.get("config", {}).get("prompt_format", "tags")
+
+
+def report_scores(report: dict) -> dict[str, dict]:
+    """Every scored system of a report, by label, in display order: base, adapter(s), baselines."""
+    scores = {BASE: report["base"]}
+    if "adapter" in report:
+        scores["adapter"] = report["adapter"]
+    scores.update(report.get("adapters", {}))
+    scores.update(report.get("baselines", {}))
+    return scores
+
+
 def comparison_table(report: dict) -> str:
-    """A plain-text table: one line per metric, base beside adapter."""
-    lines = [f"{'metric':<18}{'base':>10}{'adapter':>10}"]
-    for metric, base_value in report["base"].items():
-        lines.append(f"{metric:<18}{base_value:>10.3f}{report['adapter'][metric]:>10.3f}")
+    """A plain-text table: one line per metric, one column per scored system."""
+    scores = report_scores(report)
+    scores = {report.get("base_label", BASE) if label == BASE else label: values for label, values in scores.items()}
+    width = max(12, *(len(label) + 2 for label in scores))
+    lines = [f"{'metric':<18}" + "".join(f"{label:>{width}}" for label in scores)]
+    for metric in report["base"]:
+        lines.append(f"{metric:<18}" + "".join(f"{values[metric]:>{width}.3f}" for values in scores.values()))
     return "\n".join(lines)
+
+
+def evaluate_run(config, eval_rows: list[dict], model_path: str) -> dict:
+    """Base vs the run's adapter on held-out rows; writes metrics.json and metrics.png into the run folder."""
+    from lib import plots
+    from lib.tasks import get_task
+
+    run_dir = config.run_dir
+    evaluator = Evaluator(model_path, config.load_in_4bit)
+    evaluator.attach(config.task, run_dir / runs.ADAPTER)
+    report = evaluator.compare(get_task(config.task), eval_rows, adapter=config.task,
+                               prompt_format=config.prompt_format)
+    runs.write_json_atomic(run_dir / runs.METRICS, report)
+    plots.metrics_chart(report, run_dir / "metrics.png")
+    return report

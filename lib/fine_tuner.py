@@ -23,6 +23,7 @@ from lib import memory, runs
 from lib.config import RunConfig
 from lib.data import load_splits, to_prompt_completion
 from lib.models import compute_dtype, load_base_model, load_tokenizer, resolve_base_model
+from lib.prompts import PromptFormat
 from lib.tasks import get_task
 
 
@@ -55,6 +56,7 @@ class FineTuner:
         else:
             self.train_rows, self.eval_rows = self.train_dataset, []
         self.tokenizer = load_tokenizer(self.model_path)
+        self.format = PromptFormat.build(config.prompt_format, self.task, self.tokenizer)
         self._plan_micro_batch(shapes)
         model = load_base_model(self.model_path, config.load_in_4bit, attention=config.attention,
                                 precision=config.precision)
@@ -83,7 +85,7 @@ class FineTuner:
         """Tokens of the longest training example (prompt and answer), as the trainer will see it."""
         if self.train_dataset is not None:
             return max((len(row["input_ids"]) for row in self.train_dataset if "input_ids" in row), default=0)
-        texts = [self.task.text(row) for row in self.train_rows]
+        texts = [self.format.text(row) for row in self.train_rows]
         longest = max((len(ids) for ids in self.tokenizer(texts)["input_ids"]), default=0)
         return longest + 1 if longest else 0  # + the end-of-text token; 0: nothing known
 
@@ -91,7 +93,7 @@ class FineTuner:
         from datasets import Dataset
         from trl import SFTTrainer
 
-        rows = to_prompt_completion(self.train_rows, self.task) if self.train_dataset is None else self.train_dataset
+        rows = to_prompt_completion(self.train_rows, self.format) if self.train_dataset is None else self.train_dataset
         trainer = SFTTrainer(model=model, args=self._training_args(), train_dataset=Dataset.from_list(rows),
                              processing_class=self.tokenizer, peft_config=self._lora_config())
         if trainer.args.fp16:  # fp16 loss scaling unscales fp32 gradients only; TRL casts 4-bit adapters to bf16

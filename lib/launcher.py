@@ -326,7 +326,8 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lib.train import evaluate_run, parse_config
+    from lib.evaluation import evaluate_run
+    from lib.train import parse_config
 
     parser = argparse.ArgumentParser(prog="python -m lib.launcher", description=__doc__.split("\n")[0],
                                      epilog="Other arguments are those of python -m lib.train.")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lib import runs
 from lib.config import TASK_NAMES, RunConfig
+from lib.prompts import PromptFormat
 from lib.tasks import Task
 
 TEXT_WIDTH = 80  # characters of a text cell in the plain-text form of a table
@@ -51,14 +52,15 @@ def rows_table(rows: list[dict], limit: int = 5) -> Table:
     return Table(rows[:limit])
 
 
-def training_text_table(task: Task, rows: list[dict], limit: int = 3) -> Table:
-    """How rows become training examples: the prompt (seen, not learned) and the completion (learned)."""
-    return Table([{"prompt": task.prompt(row), "completion": repr(task.completion(row))} for row in rows[:limit]])
+def training_text_table(fmt: PromptFormat | Task, rows: list[dict], limit: int = 3) -> Table:
+    """How rows become training examples in a prompt format (a Task alone: its tags format): the prompt
+    (seen, not learned) and the completion (learned)."""
+    return Table([{"prompt": fmt.prompt(row), "completion": repr(fmt.completion(row))} for row in rows[:limit]])
 
 
-def packing_table(tokenizer, task: Task, rows: list[dict], max_seq_length: int) -> Table:
+def packing_table(tokenizer, fmt: PromptFormat | Task, rows: list[dict], max_seq_length: int) -> Table:
     """Tokens per example and what packing makes of them: examples per packed sequence, padding saved."""
-    lengths = [len(tokenizer(task.text(row))["input_ids"]) + 1 for row in rows]  # + the end-of-sequence token
+    lengths = [len(tokenizer(fmt.text(row))["input_ids"]) + 1 for row in rows]  # + the end-of-sequence token
     total = sum(lengths)
     packed = -(-total // max_seq_length)
     return Table([
@@ -107,9 +109,12 @@ def rank_shares_table(record: dict) -> Table:
 
 
 def metrics_table(report: dict) -> Table:
-    """Base model vs adapter, one line per metric."""
+    """Base model vs adapter, one line per metric, with the task's baselines (detox: copy the input)."""
+    baselines = report.get("baselines", {})
     return Table([{"metric": metric, "base": base, "adapter": report["adapter"][metric],
-                   "change": report["adapter"][metric] - base} for metric, base in report["base"].items()])
+                   "change": report["adapter"][metric] - base,
+                   **{name: values[metric] for name, values in baselines.items()}}
+                  for metric, base in report["base"].items()])
 
 
 def examples_table(report: dict) -> Table:
@@ -285,10 +290,10 @@ def side_by_side(evaluator, tasks: dict, rows_by_adapter: dict[str, list[dict]])
 
     lines = []
     for name, rows in rows_by_adapter.items():
-        task = tasks[name]
-        base_answers = evaluator.answers(task, rows, BASE, progress=False)
-        adapter_answers = evaluator.answers(task, rows, name, progress=False)
-        lines += [{"adapter": name, "prompt": task.prompt(row), "reference": row[task.answer_field],
+        fmt = evaluator.adapter_format(tasks[name], name)
+        base_answers = evaluator.answers(fmt, rows, BASE, progress=False)
+        adapter_answers = evaluator.answers(fmt, rows, name, progress=False)
+        lines += [{"adapter": name, "prompt": fmt.prompt(row), "reference": row[fmt.task.answer_field],
                    "base model": base, "with adapter": tuned}
                   for row, base, tuned in zip(rows, base_answers, adapter_answers)]
     return Table(lines)
@@ -305,13 +310,16 @@ def playground(evaluator, tasks: dict, example_rows: dict[str, dict]):
     output = widgets.Output()
 
     def show_example(change=None):
-        prompt.value = tasks[chooser.value].prompt(example_rows[chooser.value])
+        fmt = evaluator.adapter_format(tasks[chooser.value], chooser.value)
+        prompt.value = fmt.prompt(example_rows[chooser.value])
 
     def generate(_):
         from lib.evaluation import BASE
 
-        task, name = tasks[chooser.value], chooser.value
-        answers = {label: task.clean(evaluator.generate([prompt.value], task.max_new_tokens, adapter)[0])
+        name = chooser.value
+        fmt = evaluator.adapter_format(tasks[name], name)
+        answers = {label: fmt.clean(evaluator.generate([prompt.value], fmt.task.max_new_tokens, adapter,
+                                                       stop_strings=fmt.stop_strings)[0])
                    for label, adapter in (("base model", BASE), ("with adapter", name))}
         output.clear_output()
         with output:

@@ -37,21 +37,27 @@ def loss_curve(loss_history: list[dict], path: str | Path | None = None, title: 
 
 
 def metrics_chart(report: dict, path: str | Path | None = None):
-    """Grouped bars, base vs adapter, for every metric (chrF is shown divided by 100 to share the axis)."""
+    """Grouped bars, one per scored system (base, adapters, baselines), for every metric (chrF is shown
+    divided by 100 to share the axis)."""
     import numpy as np
 
+    from lib.evaluation import report_scores
+
+    scores = report_scores(report)
     metrics = list(report["base"])
     scale = [100.0 if metric == "chrf" else 1.0 for metric in metrics]
-    base = [report["base"][m] / s for m, s in zip(metrics, scale)]
-    adapter = [report["adapter"][m] / s for m, s in zip(metrics, scale)]
     labels = [f"{m}/100" if s != 1.0 else m for m, s in zip(metrics, scale)]
+    names = {"base": "base model", "adapter": "with adapter"}
     figure, axes = _figure()
     positions = np.arange(len(metrics))
-    for offset, values, label in ((-0.2, base, "base model"), (0.2, adapter, "with adapter")):
-        bars = axes.bar(positions + offset, values, width=0.4, label=label)
-        axes.bar_label(bars, fmt="%.2f", fontsize=8)
+    width = 0.8 / len(scores)
+    for index, (label, values) in enumerate(scores.items()):
+        offset = (index - (len(scores) - 1) / 2) * width
+        bars = axes.bar(positions + offset, [values[m] / s for m, s in zip(metrics, scale)], width=width,
+                        label=names.get(label, label))
+        axes.bar_label(bars, fmt="%.2f", fontsize=7)
     axes.set_xticks(positions, labels)
     axes.set_ylim(0, 1.3)  # headroom above the bars for the legend
     axes.set_title(f"{report['task']}: base vs adapter on {report['rows']} held-out rows")
-    axes.legend(loc="upper left", ncols=2)
+    axes.legend(loc="upper left", ncols=min(len(scores), 4), fontsize=8)
     return _finish(figure, path)

@@ -1,7 +1,9 @@
 """Process entry point for one fine-tuning run; `accelerate launch` starts this on every process.
 
-One process (CPU or one GPU), the task's recipe (RunConfig.for_task) with overrides:
+One process (CPU or one GPU), the task's recipe for this device (the GPU recipe when CUDA is present,
+the CPU recipe otherwise; --recipe picks one) with overrides:
     python -m lib.train --task sql --set max_steps=20
+    python -m lib.train --task sql --set data=train.jsonl --set eval_data=dev.jsonl --evaluate
 Several processes, one per GPU (or gloo on CPU):
     accelerate launch --config_file accelerate_configs/<rendered>.yaml -m lib.train --config run.json
 A saved config plus overrides:
@@ -14,12 +16,11 @@ adapter, the run record, the metrics and the plots.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from lib import runs
-from lib.config import TASK_RECIPES, ConfigError, RunConfig
+from lib.config import RECIPE_DEVICES, TASK_NAMES, ConfigError, RunConfig, parse_overrides, task_recipe
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[RunConfig, bool]:
@@ -28,39 +29,19 @@ def parse_config(argv: list[str] | None = None) -> tuple[RunConfig, bool]:
     parser.add_argument("--task", help="shortcut for --set task=NAME")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="override one setting; VALUE is read as JSON when it parses, else as text")
+    parser.add_argument("--recipe", choices=RECIPE_DEVICES, default="auto",
+                        help="which measured recipe to start from without --config (auto: gpu with CUDA, else cpu)")
     parser.add_argument("--evaluate", action="store_true", help="compare base model and adapter afterwards")
     args = parser.parse_args(argv)
     values = RunConfig.from_json(args.config).to_dict() if args.config else {}
     if args.task:
         values["task"] = args.task
-    for item in args.set:
-        name, _, text = item.partition("=")
-        values[name.strip()] = _parse_value(text)
+    values.update(parse_overrides(args.set))
     if not args.config:  # without a saved config, start from the task's measured recipe
-        values = {**TASK_RECIPES.get(values.get("task", RunConfig.task), {}), **values}
+        task = values.get("task", RunConfig.task)
+        recipe = task_recipe(task, args.recipe) if task in TASK_NAMES else {}  # validate() names a bad task
+        values = {**recipe, **values}
     return RunConfig.from_dict(values), args.evaluate
-
-
-def _parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def evaluate_run(config: RunConfig, eval_rows: list[dict], model_path: str) -> dict:
-    """Base vs adapter on the held-out rows; writes metrics.json and both charts into the run folder."""
-    from lib import plots
-    from lib.evaluation import Evaluator
-    from lib.tasks import get_task
-
-    run_dir = config.run_dir
-    evaluator = Evaluator(model_path, config.load_in_4bit)
-    evaluator.attach(config.task, run_dir / runs.ADAPTER)
-    report = evaluator.compare(get_task(config.task), eval_rows, adapter=config.task)
-    runs.write_json_atomic(run_dir / runs.METRICS, report)
-    plots.metrics_chart(report, run_dir / "metrics.png")
-    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                      title=f"{config.task}: training loss")
     print(summary(result.record, result.run_dir))
     if evaluate:
-        from lib.evaluation import comparison_table
+        from lib.evaluation import comparison_table, evaluate_run
 
         report = evaluate_run(tuner.config, tuner.eval_rows, tuner.model_path)
         print(comparison_table(report))

@@ -58,8 +58,22 @@ def test_from_namespace_takes_only_settings():
 
 def test_task_recipes_are_valid_and_overridable():
     for task in TASK_RECIPES:
-        assert RunConfig.for_task(task).validate().task == task
+        for device in ("cpu", "gpu"):
+            assert RunConfig.for_task(task, device).validate().task == task
     assert RunConfig.for_task("sql", lora_r=4).lora_r == 4
+    assert RunConfig.for_task("sql", "gpu").batch_size > RunConfig.for_task("sql", "cpu").batch_size
+
+
+def test_cli_recipe_follows_the_device_unless_named(monkeypatch):
+    import torch
+
+    from lib.train import parse_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert parse_config(["--task", "sql"])[0] == RunConfig.for_task("sql", "gpu")
+    assert parse_config(["--task", "sql", "--recipe", "cpu"])[0] == RunConfig.for_task("sql", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert parse_config(["--task", "sql"])[0] == RunConfig.for_task("sql", "cpu")
 
 
 def test_run_name_is_fixed_once():
@@ -71,7 +85,7 @@ def test_run_name_is_fixed_once():
 def test_cli_starts_from_the_task_recipe_and_a_saved_config_is_kept_as_is(tmp_path):
     from lib.train import parse_config
 
-    config, evaluate = parse_config(["--task", "detox", "--set", "lora_r=4", "--evaluate"])
+    config, evaluate = parse_config(["--task", "detox", "--recipe", "cpu", "--set", "lora_r=4", "--evaluate"])
     assert config == RunConfig.for_task("detox", lora_r=4) and evaluate
     saved = RunConfig(task="detox", learning_rate=3e-4)
     saved.to_json(tmp_path / "run.json")

@@ -111,7 +111,7 @@ def test_prompt_completion_concatenates_to_training_text():
     assert [p["prompt"] + p["completion"] for p in pairs] == [SQL.text(r) for r in ROWS]
 
 
-def test_multiline_fields_are_joined_into_one_line(tmp_path):
-    row = dict(ROWS[0], answer="SELECT name\nFROM t")
+def test_multiline_fields_keep_their_line_breaks(tmp_path):
+    row = dict(ROWS[0], answer="SELECT name\r\nFROM t\n")
     path = write(tmp_path / "rows.jsonl", [row])
-    assert read_rows(path, SQL)[0]["answer"] == "SELECT name FROM t"
+    assert read_rows(path, SQL)[0]["answer"] == "SELECT name\nFROM t"

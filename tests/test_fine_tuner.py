@@ -40,7 +40,7 @@ def test_tiny_qlora_run_saves_adapter_and_record(tiny_config, task):
 
 
 def test_evaluation_compares_base_and_adapter(tiny_config):
-    from lib.train import evaluate_run
+    from lib.evaluation import evaluate_run
 
     tuner = FineTuner(tiny_config(task="sql", run_name="evaluated", max_steps=1))
     result = tuner.run()

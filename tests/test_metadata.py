@@ -21,7 +21,7 @@ TASK_FIELDS = {
                                                "bypass_authentication", "static_subdomain", "short_summary",
                                                "long_summary"}),
 }
-JOB_SCRIPTS = {"jobs/finetune_instruction.py", "jobs/finetune_sql.py", "jobs/finetune_detox.py",
+JOB_SCRIPTS = {"jobs/finetune_instruction.py", "jobs/finetune_sql.py", "jobs/finetune_detox.py", "jobs/evaluate_adapters.py",
                "jobs/distributed_finetune.py"}
 
 

@@ -7,8 +7,9 @@ import sqlite3
 
 import pytest
 
+from lib.tasks.sql import normalize_sql
 from lib.tasks import TASKS, get_task
-from lib.tasks.detox import RUDE_LEXICON, SITUATIONS, OPENERS, chrf, rude_word_rate, toxic_input_rude_word_rate
+from lib.tasks.detox import SITUATIONS, rude_lexicon, OPENERS, chrf, rude_word_rate, toxic_input_rude_word_rate
 from lib.tasks.instruction import rouge_l
 from lib.tasks.sql import TABLES
 
@@ -57,7 +58,7 @@ def test_text_is_prompt_then_spaced_answer(task, rows_by_task):
         assert task.text(row) == prompt + completion
         assert prompt.endswith(ANSWER_TAGS[task.name])
         assert completion == " " + row[task.answer_field]
-        assert "\n" not in completion and completion.strip() == completion[1:]
+        assert completion.strip() == completion[1:]  # may span lines; no whitespace at either end
 
 
 def test_max_new_tokens_leaves_headroom(task, rows_by_task):
@@ -84,8 +85,16 @@ def test_generator_reaches_twenty_thousand_rows(task):
     assert len(task.generate(20_000, seed=0)) == 20_000
 
 
-def test_clean_keeps_the_first_line_stripped(task):
-    assert task.clean("  the answer \nmore text\n") == "the answer"
+def test_clean_keeps_multi_line_answers_stripped(task):
+    assert task.clean("  the answer \nmore text\n") == "the answer \nmore text"
+
+
+def test_tags_format_stops_at_the_next_tag(task):
+    from lib.prompts import PromptFormat, tag_markers
+
+    fmt = PromptFormat.build("tags", task)
+    assert fmt.stop_strings == tag_markers(task.prompt_template) and len(fmt.stop_strings) >= 2
+    assert fmt.clean(" line one\nline two\n" + fmt.stop_strings[0] + " more") == "line one\nline two"
 
 
 def test_references_score_perfectly(task, rows_by_task):
@@ -150,9 +159,18 @@ def test_sql_reformatted_reference_is_an_exact_match():
     assert scores == {"exact_match": 1.0, "executable": 1.0, "execution_match": 1.0}
 
 
-def test_sql_literal_case_still_matters():
+def test_sql_exact_match_ignores_literal_case_and_condition_order_as_wikisql_does():
+    """WikiSQL's logical-form accuracy lowercases values and compares conditions as a set; execution does not
+    (SQLite compares text with its case)."""
     scores = get_task("sql").score(['SELECT salary FROM employees WHERE name = "maria lopez"'], [SQL_ROW])
-    assert scores["exact_match"] == 0.0 and scores["executable"] == 1.0
+    assert scores["exact_match"] == 1.0 and scores["executable"] == 1.0 and scores["execution_match"] == 0.0
+    row = {"context": "CREATE TABLE t (a VARCHAR, b VARCHAR, c VARCHAR)", "question": "?",
+           "answer": 'SELECT a FROM t WHERE b = "x" AND c > 3'}
+    assert get_task("sql").score(['SELECT a FROM t WHERE c > 3 AND b = "X"'], [row])["exact_match"] == 1.0
+    assert get_task("sql").score(['SELECT a FROM t WHERE c > 3 OR b = "X"'], [row])["exact_match"] == 0.0
+    swapped = normalize_sql('SELECT a FROM t WHERE c = "a and b" AND d = "c and e"')
+    assert swapped != normalize_sql('SELECT a FROM t WHERE c = "a and e" AND d = "c and b"')
+    assert swapped == normalize_sql('select a from t where d = "C and E" and c = "a AND b"')
 
 
 def test_sql_wrong_but_valid_query_executes_without_matching():
@@ -185,7 +203,7 @@ def test_sql_execution_match_ignores_row_order_without_order_by():
 
 
 def test_detox_lexicon_is_large_and_every_rude_part_uses_it():
-    assert len(RUDE_LEXICON) >= 40
+    assert len(rude_lexicon()) >= 800
     rude_parts = [rude for rude, _ in OPENERS]
     for situation in SITUATIONS:
         rude_parts += list(situation.insults) + [rude for rude, _ in situation.tails]

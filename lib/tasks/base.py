@@ -21,7 +21,8 @@ class Task(ABC):
     hub_dataset: str  # the online source of real rows
     fields: tuple[str, ...]  # the row's columns, named as in hub_dataset
     answer_field: str  # the column the model learns to write
-    prompt_template: str  # str.format template over fields, ending with the answer tag
+    prompt_template: str  # str.format template over fields, ending with the answer tag ("tags" format)
+    chat_request: str  # str.format template over fields: the user's turn in the "chat" format
     max_new_tokens: int  # generation budget: the longest generated answer, with headroom
     metrics: tuple[str, ...]  # the keys `score` returns
     headline_metric: str  # the metric a chart shows first
@@ -40,8 +41,13 @@ class Task(ABC):
         return self.prompt(row) + self.completion(row)
 
     def clean(self, generated: str) -> str:
-        """The answer inside raw generated text: everything before the first newline."""
-        return generated.split("\n", 1)[0].strip()
+        """The answer inside raw generated text (already cut at the format's stop): trimmed; answers may span
+        several lines. Tasks whose answers are one line override this."""
+        return generated.strip()
+
+    def baselines(self, rows: list[dict]) -> dict[str, list[str]]:
+        """Answers of trivial systems every report should beat, by name (e.g. detox: copy the input)."""
+        return {}
 
     @abstractmethod
     def make_row(self, rng: random.Random) -> dict:

@@ -7,28 +7,67 @@ before the subject, an insulting tail) and the neutral version drops them or
 says them politely. Text is lower case like most of ParaDetox.
 """
 
+import functools
+import importlib.util
 import random
 import re
+from pathlib import Path
 from collections import Counter
 from dataclasses import dataclass
 
 from .base import Task, exact_match_rate
 
-# Words and phrases that make a sentence rude. Every rude part below contains
-# one; no neutral part does. Matched as whole words, ignoring case.
-RUDE_LEXICON = frozenset({
+# Words and phrases that make a sentence rude: the maintained list of the better-profanity package
+# (916 words and spellings, less NOT_RUDE below) plus insults it leaves out (idiot, dumb, loser...),
+# which real rude comments use as much as profanity. Every rude part below contains one; no neutral
+# part does.
+# Matched as whole words, ignoring case.
+INSULTS = frozenset({
     "damn", "damned", "dammit", "goddamn", "hell", "crap", "crappy", "shit", "shitty", "bullshit",
-    "stupid", "idiot", "idiots", "idiotic", "moron", "morons", "moronic", "dumb", "dumbass",
-    "jerk", "jerks", "loser", "losers", "freaking", "frigging", "bloody", "ass", "asshole",
-    "jackass", "bastard", "bastards", "screw", "screw you", "sucks", "suck", "pissed", "piss",
+    "stupid", "idiot", "idiots", "idiotic", "moron", "morons", "moronic", "dumb", "dumbass", "dumbasses",
+    "jerk", "jerks", "loser", "losers", "freaking", "frigging", "bloody", "ass", "asshole", "assholes",
+    "jackass", "bastard", "bastards", "screw", "screw you", "sucks", "suck", "pissed", "piss", "pisses",
     "brainless", "pathetic", "lousy", "piece of junk", "shut up", "wtf", "fuck", "fucking",
-    "scumbag", "imbecile", "dipshit", "douchebag", "brain dead", "clueless idiot",
+    "scumbag", "scumbags", "imbecile", "dipshit", "douchebag", "brain dead", "clueless idiot", "clown", "clowns",
+    "retard", "retards", "retarded", "bitch", "bitches", "dick", "dicks",
 })
 
-RUDE_WORD_PATTERN = re.compile(
-    r"\b(?:" + "|".join(re.escape(w) for w in sorted(RUDE_LEXICON, key=len, reverse=True)) + r")\b",
-    flags=re.IGNORECASE,
-)
+
+# Words of better-profanity's list that ordinary and polite text uses (medicine, anatomy, history,
+# drugs, identity, everyday words): counting them would call "he had a stroke" or "the nazi party" rude.
+NOT_RUDE = frozenset({
+    "len", "arian", "aryan", "areole", "drunk", "erect", "erotic", "facial", "fat", "god", "hemp", "heroin",
+    "herpes", "hitler", "hiv", "homey", "hookah", "hooch", "kill", "leper", "lust", "lusty", "maxi", "menses",
+    "meth", "murder", "naked", "napalm", "nazi", "nazism", "nude", "nudes", "opiate", "opium", "oral", "orally",
+    "organ", "ovary", "ovum", "ovums", "pawn", "pcp", "pee", "penile", "penial", "pms", "pot", "potty", "prude",
+    "pubic", "pubis", "racy", "rectal", "rectum", "rectus", "reich", "revue", "rum", "rump", "sadism", "sadist",
+    "seaman", "seamen", "seduce", "sex", "sexual", "slave", "slope", "sniper", "snuff", "sperm", "steamy",
+    "stoned", "strip", "stroke", "tampon", "teat", "teste", "testee", "testes", "testis", "thrust", "thug",
+    "tinkle", "toots", "tramp", "trashy", "undies", "unwed", "urinal", "urine", "uterus", "uzi", "vagina",
+    "valium", "viagra", "virgin", "vixen", "vodka", "vomit", "voyeur", "vulgar", "vulva", "weed", "womb",
+    "woody", "xx", "yury", "gay", "gays", "queer", "queers", "lmao", "lmfao", "omg", "foobar", "ugly", "anus",
+    "penis", "nipple", "labia", "glans", "gonad", "gonads", "hymen", "semen", "orgasm", "inbred", "incest",
+    "molest", "rape", "raped", "raping", "rapist", "junkie", "junky", "paddy", "massa", "hebe", "willy",
+})
+
+
+@functools.cache
+def rude_lexicon() -> frozenset[str]:
+    """better-profanity's word list (read from the installed package's data file) without NOT_RUDE, and
+    INSULTS."""
+    spec = importlib.util.find_spec("better_profanity")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the detox metrics need the better-profanity package (pip install better-profanity)")
+    wordlist = Path(list(spec.submodule_search_locations)[0]) / "profanity_wordlist.txt"
+    words = {line.strip().lower() for line in wordlist.read_text(encoding="utf-8").splitlines() if line.strip()}
+    return frozenset((words - NOT_RUDE) | INSULTS)
+
+
+@functools.cache
+def rude_word_pattern() -> re.Pattern:
+    words = sorted(rude_lexicon(), key=len, reverse=True)
+    return re.compile(r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b", flags=re.IGNORECASE)
+
 
 # Rude words that go between a subject's determiner and noun.
 THING_INSULTS = ("damn", "stupid", "freaking", "crappy", "bloody", "lousy", "goddamn", "shitty")
@@ -146,15 +185,71 @@ ADDITIONS = (
     "", "", "", " and i am tired of it", " and nobody does anything about it", " and i have had enough",
     " and it is only monday", " and i still have to deal with it",
 )
+JUDGEMENT_SHARE = 0.5  # share of rows that judge a person rather than complain about a situation
 RUDE_PART_SHARE = 0.6  # chance that each rude part appears; every row gets at least one
+
+# Judgements of people, the other half of real rude comments (forums, news comments): a subject, a rude
+# predicate and its polite rewrite, which changes more than the rude word ("is a fucking idiot" ->
+# "is not very smart"), and an optional reason both versions keep.
+JUDGED = (
+    "this guy", "that woman", "these people", "the president", "our mayor", "the author", "this reporter",
+    "my ex", "the other team", "those politicians", "the admins", "the government", "this commenter",
+    "the police", "my brother", "the landlord", "the company", "these trolls", "the critics", "the fans",
+)
+JUDGEMENTS = (  # (rude, polite), third person; the plural forms follow
+    ("is a fucking idiot", "is not very smart"), ("is full of shit", "is not telling the truth"),
+    ("can go to hell", "should leave"), ("is a lying piece of shit", "is lying"),
+    ("is a stupid bitch", "is not nice"), ("is such a dick", "is very rude"),
+    ("does not know shit", "does not know much"), ("is a complete moron", "is not thinking clearly"),
+    ("is an asshole", "is unpleasant"), ("is a damn clown", "is not serious"),
+    ("should shut the fuck up", "should be quiet"), ("is fucking useless", "is not helpful"),
+    ("is a bunch of crap", "is not good"), ("screwed everything up", "made a mess of things"),
+    ("is a dumbass", "made a poor decision"), ("acts like a retard", "acts unwisely"),
+    ("is a pathetic loser", "is disappointing"), ("is a fucking joke", "is not credible"),
+    ("pisses me off", "annoys me"), ("is a scumbag", "is dishonest"),
+)
+PLURAL_VERBS = {"is": "are", "does": "do", "acts": "act", "pisses": "piss", "screwed": "screwed",
+                "should": "should", "can": "can"}
+PLURAL_NOUNS = {"a fucking idiot": "fucking idiots", "a lying piece of shit": "lying pieces of shit",
+                "a stupid bitch": "stupid bitches", "such a dick": "such dicks", "a complete moron": "complete morons",
+                "an asshole": "assholes", "a damn clown": "damn clowns", "a bunch of crap": "a bunch of crap",
+                "a dumbass": "dumbasses", "a retard": "retards", "a pathetic loser": "pathetic losers",
+                "a fucking joke": "a fucking joke", "a scumbag": "scumbags", "not very smart": "not very smart"}
+PLURAL_SUBJECTS = frozenset({"these people", "those politicians", "the admins", "the police", "the other team",
+                             "these trolls", "the critics", "the fans"})
+REASONS = (
+    "", "", "", " and everyone knows it", " for saying that", " if they think this will work",
+    " because they never read the facts", " after what happened yesterday", " and i am done listening",
+    " with all these excuses", " for voting for this", " and should be ashamed",
+)
+
+
+def plural_predicate(predicate: str) -> str:
+    """'is a fucking idiot' -> 'are fucking idiots': the predicate for a plural subject."""
+    verb, _, rest = predicate.partition(" ")
+    verb = PLURAL_VERBS.get(verb, verb)
+    for singular, plural in PLURAL_NOUNS.items():
+        if rest.startswith(singular):
+            rest = plural + rest[len(singular):]
+            break
+    return f"{verb} {rest}"
+
+
+def judgement_row(rng: random.Random) -> tuple[str, str]:
+    subject = rng.choice(JUDGED)
+    rude, polite = rng.choice(JUDGEMENTS)
+    if subject in PLURAL_SUBJECTS:
+        rude, polite = plural_predicate(rude), plural_predicate(polite)
+    reason = rng.choice(REASONS)
+    return f"{subject} {rude}{reason}", f"{subject} {polite}{reason}"
 
 
 def contains_rude_word(text: str) -> bool:
-    return RUDE_WORD_PATTERN.search(text) is not None
+    return rude_word_pattern().search(text) is not None
 
 
 def rude_word_rate(texts: list[str]) -> float:
-    """Share of texts with a word of RUDE_LEXICON; compare a model's outputs
+    """Share of texts with a word of rude_lexicon(); compare a model's outputs
     with the same rate of the toxic inputs (`toxic_input_rude_word_rate`)."""
     return sum(contains_rude_word(t) for t in texts) / len(texts)
 
@@ -201,13 +296,17 @@ class DetoxTask(Task):
     fields = ("en_toxic_comment", "en_neutral_comment")
     answer_field = "en_neutral_comment"
     prompt_template = "<Toxic>: {en_toxic_comment}\n<Neutral>:"
+    chat_request = "Rewrite this text politely, keeping its meaning:\n{en_toxic_comment}"
     max_new_tokens = 64
-    metrics = ("chrf", "rude_word_rate", "exact_match")
+    metrics = ("chrf", "rude_word_rate", "copy_rate", "exact_match")
     # chrF rises only when the output keeps the meaning and drops the rude
     # parts; rude_word_rate alone would reward an empty answer.
     headline_metric = "chrf"
 
     def make_row(self, rng: random.Random) -> dict:
+        if rng.random() < JUDGEMENT_SHARE:
+            toxic, neutral = judgement_row(rng)
+            return {"en_toxic_comment": toxic, "en_neutral_comment": neutral}
         situation = rng.choice(SITUATIONS)
         determiner, noun = rng.choice(situation.subjects)
         problem = rng.choice(situation.problems) + rng.choice(ADDITIONS)
@@ -225,8 +324,15 @@ class DetoxTask(Task):
     def compute_metrics(self, predictions: list[str], rows: list[dict]) -> dict[str, float]:
         """chrf is corpus-level and on a 0..100 scale; the others are shares in 0..1."""
         references = self.references(rows)
+        inputs = [row["en_toxic_comment"] for row in rows]
         return {
             "chrf": chrf(predictions, references),
             "rude_word_rate": rude_word_rate(predictions),
+            "copy_rate": exact_match_rate(predictions, inputs),  # outputs that repeat the input unchanged
             "exact_match": exact_match_rate(predictions, references),
         }
+
+    def baselines(self, rows: list[dict]) -> dict[str, list[str]]:
+        """Copying the input scores a high chrF on real data (most of a sentence survives a rewrite): an
+        adapter is only useful where it beats this row."""
+        return {"copy the input": [row["en_toxic_comment"] for row in rows]}

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from .base import Task, exact_match_rate
+from .sql_wiki import wiki_row
 
 PEOPLE = (
     "Maria Lopez", "John Smith", "Anna Kowalski", "David Chen", "Fatima Khan", "Luca Rossi",
@@ -438,6 +439,10 @@ SHAPES = (
     count_distinct, group_by,
 )
 
+# Share of rows in the shape of real single-table questions (sql_wiki.py); the rest use the named tables
+# above, with GROUP BY, ORDER BY, DISTINCT and a distractor table.
+WIKI_SHARE = 0.8
+
 # Share of rows whose context also declares an unrelated table, so that the
 # model learns to pick the table the question names.
 DISTRACTOR_TABLE_SHARE = 0.3
@@ -449,16 +454,26 @@ QUERY_TIME_LIMIT_S = 1.0  # a prediction running longer is treated as failing
 
 
 def normalize_sql(query: str) -> str:
-    """Lower-case keywords and names, keep literals' case, unify quotes, and
-    space every punctuation mark, so formatting differences do not count."""
-    parts = re.split(r"(\"[^\"]*\"|'[^']*')", query.strip().rstrip(";"))
-    normalized = []
+    """A query's form for exact match, as WikiSQL's own logical-form accuracy compares queries: case
+    ignored (literals too), quotes unified, punctuation spaced, and the conditions of a plain
+    `WHERE a AND b` in any order, so formatting and condition order do not count."""
+    parts = re.split(r"(\"[^\"]*\"|'[^']*')", " ".join(query.split()).rstrip(";"))
+    literals, normalized = [], []
     for index, part in enumerate(parts):
-        if index % 2:  # re.split puts the captured literals at odd indices
-            normalized.append('"' + part[1:-1] + '"')
+        if index % 2:  # re.split puts the captured literals at odd indices; held aside while sorting
+            literals.append('"' + part[1:-1].lower() + '"')
+            normalized.append(f"\x00{len(literals) - 1}\x00")
         else:
             normalized.append(" ".join(re.sub(r"([(),=<>!*])", r" \1 ", part.lower()).split()))
-    return " ".join(p for p in normalized if p)
+    text = " ".join(p for p in normalized if p)
+    head, where, conditions = text.partition(" where ")
+    if where and not re.search(r"\b(or|group|order|limit|having|select|union|join)\b|[()]", conditions):
+        text = head + where + " and ".join(sorted(conditions.split(" and "), key=lambda c: _restore(c, literals)))
+    return _restore(text, literals)
+
+
+def _restore(text: str, literals: list[str]) -> str:
+    return re.sub(r"\x00(\d+)\x00", lambda match: literals[int(match.group(1))], text)
 
 
 def parse_tables(context: str) -> list[tuple[str, list[tuple[str, str]]]]:
@@ -546,11 +561,14 @@ class SqlTask(Task):
     fields = ("context", "question", "answer")
     answer_field = "answer"
     prompt_template = "<TABLE>: {context}\n<QUESTION>: {question}\n<SQL>:"
-    max_new_tokens = 64
+    chat_request = "Write the SQLite query that answers the question about these tables.\n{context}\nQuestion: {question}"
+    max_new_tokens = 96
     metrics = ("exact_match", "executable", "execution_match")
     headline_metric = "exact_match"
 
     def make_row(self, rng: random.Random) -> dict:
+        if rng.random() < WIKI_SHARE:
+            return wiki_row(rng)
         table = rng.choice(TABLES)
         question, answer = rng.choice(SHAPES)(rng, table)
         statements = [table.create_statement]
