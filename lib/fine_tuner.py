@@ -20,11 +20,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lib import memory, runs
-from lib.config import RunConfig
+from lib.config import ConfigError, RunConfig
 from lib.data import load_splits, to_prompt_completion
 from lib.models import compute_dtype, load_base_model, load_tokenizer, resolve_base_model
 from lib.prompts import PromptFormat
 from lib.tasks import get_task
+
+
+MAX_DROPPED_SHARE = 0.1  # more training rows than this losing their answer to max_seq_length is an error
 
 
 @dataclass
@@ -57,6 +60,7 @@ class FineTuner:
             self.train_rows, self.eval_rows = self.train_dataset, []
         self.tokenizer = load_tokenizer(self.model_path)
         self.format = PromptFormat.build(config.prompt_format, self.task, self.tokenizer)
+        self.truncation = self._check_truncation()
         self._plan_micro_batch(shapes)
         model = load_base_model(self.model_path, config.load_in_4bit, attention=config.attention,
                                 precision=config.precision)
@@ -81,13 +85,35 @@ class FineTuner:
                           f"over the memory budget of {budget / 2**30:.1f} GiB (memory_budget_gib="
                           f"{config.memory_budget_gib!r}); training may run out of memory", stacklevel=2)
 
+    def _check_truncation(self) -> dict:
+        """Count the training rows that max_seq_length cuts: an answer cut short teaches a wrong ending,
+        and a prompt that fills the whole sequence leaves no answer (the trainer then drops the row).
+        Refuse when more than MAX_DROPPED_SHARE of the rows would lose their answer; warn otherwise."""
+        if self.train_dataset is not None or not self.train_rows:
+            return {"rows": len(self.train_rows), "answers_cut": 0, "answers_lost": 0}
+        limit = self.config.max_seq_length
+        prompts = self.tokenizer([self.format.prompt(row) for row in self.train_rows])["input_ids"]
+        texts = self.tokenizer([self.format.text(row) for row in self.train_rows])["input_ids"]
+        lost = sum(len(ids) >= limit for ids in prompts)
+        cut = sum(len(ids) + 1 > limit for ids in texts) - lost  # + the end-of-text token
+        longest = max(len(ids) + 1 for ids in texts)
+        summary = {"rows": len(texts), "answers_cut": cut, "answers_lost": lost, "longest_example_tokens": longest}
+        if lost > MAX_DROPPED_SHARE * len(texts):
+            raise ConfigError("max_seq_length", limit, f"at least {max(len(ids) for ids in prompts) + 1} (the longest "
+                                                     f"prompt) so that answers survive: {lost} of {len(texts)} "
+                                                     f"training rows have prompts of {limit} tokens or more and "
+                                                     f"would be dropped; {longest} fits every row")
+        if lost or cut:
+            warnings.warn(f"max_seq_length={limit}: {lost} of {len(texts)} training rows lose their answer "
+                          f"(dropped) and {cut} have it cut short; {longest} tokens would fit every row",
+                          stacklevel=2)
+        return summary
+
     def _longest_example(self) -> int:
         """Tokens of the longest training example (prompt and answer), as the trainer will see it."""
         if self.train_dataset is not None:
             return max((len(row["input_ids"]) for row in self.train_dataset if "input_ids" in row), default=0)
-        texts = [self.format.text(row) for row in self.train_rows]
-        longest = max((len(ids) for ids in self.tokenizer(texts)["input_ids"]), default=0)
-        return longest + 1 if longest else 0  # + the end-of-text token; 0: nothing known
+        return self.truncation.get("longest_example_tokens", 0)  # with the end-of-text token; 0: nothing known
 
     def _build_trainer(self, model):
         from datasets import Dataset
@@ -185,7 +211,8 @@ class FineTuner:
             "task": self.task.name,
             "base_model_path": self.model_path,
             "target_modules": self.target_modules,
-            "train_rows": len(self.train_rows),
+            "train_rows": len(self.train_rows) - self.truncation["answers_lost"],
+            "truncation": self.truncation,  # rows as loaded, answers cut short and answers lost (dropped)
             "eval_rows": len(self.eval_rows),
             "trainable_parameters": trainable,
             "total_parameters": total,

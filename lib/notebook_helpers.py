@@ -31,7 +31,7 @@ class Table:
         self.frame = pandas.DataFrame(rows)
 
     def _repr_html_(self) -> str:
-        style = self.frame.style.hide(axis="index").format(precision=3)
+        style = self.frame.style.hide(axis="index").format(precision=3, escape="html")  # "<SQL>:" stays text
         return style.set_properties(**{"text-align": "left", "white-space": "pre-wrap"}).to_html()
 
     def __repr__(self) -> str:

@@ -131,7 +131,8 @@ ADVERSARIAL_BYTES = st.sampled_from([
 
 
 def check_read(path: Path, column_map=None) -> None:
-    """read_rows returns rows with every task field as a one-line string, or raises DataError naming the file."""
+    """read_rows returns rows with every task field as a stripped string (line breaks unified to \\n), or raises
+    DataError naming the file."""
     task = get_task("sql")
     try:
         rows = read_rows(path, task, column_map)
@@ -139,7 +140,8 @@ def check_read(path: Path, column_map=None) -> None:
         assert str(path) in str(error)
         return
     assert rows and all(set(row) == set(task.fields) for row in rows)
-    assert all(isinstance(value, str) and "\n" not in value for row in rows for value in row.values())
+    assert all(isinstance(value, str) and "\r" not in value and value == value.strip()
+               for row in rows for value in row.values())
 
 
 @FAST

@@ -222,3 +222,35 @@ def test_reports_carry_the_baselines(tiny_config):
     report = evaluate_run(tuner.config, tuner.eval_rows[:2], tuner.model_path)
     assert report["baselines"]["copy the input"]["copy_rate"] == 1.0
     assert "copy the input" in comparison_table(report).splitlines()[0]
+
+
+def test_tables_show_prompt_tags_as_text(tokenizer):
+    from lib.notebook_helpers import training_text_table
+
+    row = SQL.generate(1, seed=0)[0]
+    for name in ("tags", "chat"):
+        html = training_text_table(PromptFormat.build(name, SQL, tokenizer), [row])._repr_html_()
+        assert ("&lt;TABLE&gt;:" if name == "tags" else "&lt;|im_start|&gt;") in html and "<TABLE>" not in html
+
+
+# ---- rows that max_seq_length would cut ----------------------------------------------------------------
+
+
+def test_rows_whose_answer_would_be_lost_are_refused(tiny_config):
+    with pytest.raises(ConfigError) as error:
+        FineTuner(tiny_config(task="sql", max_seq_length=32, run_name="too-short")).setup()
+    assert error.value.setting == "max_seq_length" and "would be dropped" in str(error.value)
+    assert "fits every row" in str(error.value)
+
+
+def test_answers_cut_short_are_counted_and_recorded(tiny_config, tmp_path):
+    long_answer = {"instruction": "Repeat the word.", "input": "", "response": " ".join(["apple"] * 60)}
+    short = [{"instruction": f"Say {word}.", "input": "", "response": word} for word in ("yes", "no", "maybe")]
+    data = write_jsonl(tmp_path / "rows.jsonl", [long_answer] + short)
+    held_out = write_jsonl(tmp_path / "eval.jsonl", [{"instruction": "Say hello.", "input": "", "response": "hello"}])
+    with pytest.warns(UserWarning, match="have it cut short"):
+        tuner = FineTuner(tiny_config(task="instruction", data=str(data), eval_data=str(held_out), max_seq_length=48,
+                                      eval_rows=1, run_name="cut")).setup()
+    assert tuner.truncation["answers_cut"] >= 1 and tuner.truncation["answers_lost"] == 0
+    record = tuner.train().record
+    assert record["truncation"] == tuner.truncation and record["train_rows"] == tuner.truncation["rows"]

@@ -158,7 +158,7 @@ def test_spaces_unicode_and_shell_syntax_in_paths_run_end_to_end(tmp_path, monke
     data = data_dir / "requêtes sql.jsonl"
     data.write_text("\n".join(json.dumps(row, ensure_ascii=False) for row in rows) + "\n", encoding="utf-8")
     config = RunConfig(task="sql", data=str(data), output_dir=str(tmp_path / "sorties $HOME ü"), run_name=run_name,
-                       train_rows=8, eval_rows=2, max_steps=1, max_seq_length=64, batch_size=2, logging_steps=1,
+                       train_rows=8, eval_rows=2, max_steps=1, max_seq_length=128, batch_size=2, logging_steps=1,
                        save_steps=1)
     result = FineTuner(config).run()
     assert result.run_dir == tmp_path / "sorties $HOME ü" / run_name
