@@ -31,7 +31,11 @@ def load_splits(config: RunConfig) -> tuple[list[dict], list[dict]]:
     if not config.eval_data:
         if config.data == "embedded":
             return task.embedded_splits(config.train_rows, config.eval_rows, config.seed)
-        return split_rows(_source_rows(config, task), config.train_rows, config.eval_rows, config.seed)
+        rows = _source_rows(config, task)
+        if len(rows) < 2:
+            raise DataError(f"{config.data}: {len(rows)} row; a split needs at least 2 (one to train on, one to "
+                            "score); add rows, or give held-out rows as eval_data")
+        return split_rows(rows, config.train_rows, config.eval_rows, config.seed)
     eval_rows = read_rows(config.eval_data, task, config.column_map)[:config.eval_rows]
     if config.data == "embedded":
         train = task.generate(config.train_rows + len(eval_rows), config.seed)
@@ -67,7 +71,12 @@ def read_rows(path: str | Path, task: Task, column_map: dict | None = None) -> l
     records = _read_records(path)
     if not records:
         raise DataError(f"{path}: the file has no rows; expected columns {', '.join(task.fields)}")
-    return [_task_row(record, task, column_map or {}, path) for record in records]
+    rows = [_task_row(record, task, column_map or {}, path) for record in records]
+    empty = [name for name in task.fields if name not in task.optional_fields and not any(row[name] for row in rows)]
+    if empty:
+        raise DataError(f"{path}: column(s) {', '.join(empty)} are empty in every row; task {task.name!r} "
+                        f"needs text there")
+    return rows
 
 
 def to_prompt_completion(rows: list[dict], fmt) -> list[dict]:
@@ -135,6 +144,10 @@ def _task_row(record: dict, task: Task, column_map: dict, path: Path) -> dict:
         mapping = f" after column_map {column_map}" if column_map else ""
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}{mapping}; "
                         f"task {task.name!r} expects {', '.join(task.fields)}; found {found}")
+    for name in task.fields:
+        if isinstance(renamed[name], (list, dict)):
+            raise DataError(f"{path}: column {name!r} holds a {type(renamed[name]).__name__} "
+                            f"({str(renamed[name])[:60]}); expected text (or a number)")
     return {name: _field_text(renamed[name]) for name in task.fields}
 
 

@@ -254,3 +254,39 @@ def test_answers_cut_short_are_counted_and_recorded(tiny_config, tmp_path):
     assert tuner.truncation["answers_cut"] >= 1 and tuner.truncation["answers_lost"] == 0
     record = tuner.train().record
     assert record["truncation"] == tuner.truncation and record["train_rows"] == tuner.truncation["rows"]
+
+
+# ---- data files that would have trained on nothing, or on Python's text of a list ----------------------
+
+
+def test_a_one_row_file_is_named_not_a_traceback(tmp_path):
+    from lib.data import DataError
+
+    data = write_jsonl(tmp_path / "one.jsonl", SQL.generate(1, seed=0))
+    with pytest.raises(DataError, match="one.jsonl: 1 row; a split needs at least 2"):
+        load_splits(RunConfig(task="sql", data=str(data)))
+
+
+def test_list_cells_and_all_empty_columns_are_refused(tmp_path):
+    from lib.data import DataError, read_rows
+
+    row = SQL.generate(1, seed=0)[0]
+    listed = write_jsonl(tmp_path / "listed.jsonl", [dict(row, answer=["SELECT 1", "SELECT 2"])])
+    with pytest.raises(DataError, match="column 'answer' holds a list"):
+        read_rows(listed, SQL)
+    empty = write_jsonl(tmp_path / "empty.jsonl", [dict(row, question=None), dict(row, question="  ")])
+    with pytest.raises(DataError, match="question are empty in every row"):
+        read_rows(empty, SQL)
+    no_inputs = write_jsonl(tmp_path / "no_inputs.jsonl", [{"instruction": "Say hi.", "input": None, "response": "hi"}])
+    assert read_rows(no_inputs, get_task("instruction"))[0]["input"] == ""
+
+
+def test_quality_json_rows_carry_what_a_reader_needs():
+    rows = json.loads((REPO / "docs" / "quality.json").read_text(encoding="utf-8"))
+    for row in rows:
+        assert {"task", "model", "trained_on", "evaluated_on", "recipe", "metrics", "date", "device", "command"} <= set(row)
+        assert {"source", "rows"} <= set(row["trained_on"]) and {"source", "split", "rows"} <= set(row["evaluated_on"])
+        assert row["evaluated_on"]["split"] == "dev" and {"base", "adapter"} <= set(row["metrics"])
+    for task in ("sql", "detox", "instruction"):
+        kinds = {(row["recipe"], row["trained_on"]["source"] == "embedded generator") for row in rows if row["task"] == task}
+        assert {("gpu", False), ("gpu", True), ("cpu", False)} <= kinds, task

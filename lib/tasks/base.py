@@ -21,6 +21,7 @@ class Task(ABC):
     hub_dataset: str  # the online source of real rows
     fields: tuple[str, ...]  # the row's columns, named as in hub_dataset
     answer_field: str  # the column the model learns to write
+    optional_fields: tuple[str, ...] = ()  # columns a data file may leave empty in every row
     prompt_template: str  # str.format template over fields, ending with the answer tag ("tags" format)
     chat_request: str  # str.format template over fields: the user's turn in the "chat" format
     max_new_tokens: int  # generation budget: the longest generated answer, with headroom

@@ -276,6 +276,7 @@ class InstructionTask(Task):
     name = "instruction"
     hub_dataset = "teknium/GPTeacher-General-Instruct"
     fields = ("instruction", "input", "response")
+    optional_fields = ("input",)  # most instructions need no input
     answer_field = "response"
     prompt_template = "<Instruction>: {instruction}\n<Input>: {input}\n<Response>:"
     chat_request = "{instruction}\n\n{input}"
