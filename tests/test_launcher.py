@@ -98,7 +98,7 @@ def test_the_adapter_loads_and_evaluates(two_worker_run):
     evaluator.attach("sql", result.adapter_dir)
     task, rows = get_task("sql"), load_splits(config)[1][:2]
     # The adapter's answers only: the base model's would double the time and test nothing of the launch.
-    answers = evaluator.answers(task, rows, adapter="sql", progress=False)
+    answers = evaluator.answers(evaluator.adapter_format(task, "sql"), rows, adapter="sql", progress=False)
     scores = task.score(answers, rows)
     assert len(answers) == 2 and task.headline_metric in scores
 

@@ -119,7 +119,7 @@ def test_set_lines_give_the_panel_config_back_to_a_headless_job(panel):
 
 
 def test_train_button_trains_with_progress_and_loss_then_compare_answers(tiny_config, model_path):
-    config = tiny_config(load_in_4bit=False, train_rows=8, max_steps=1, max_seq_length=64, batch_size=1)
+    config = tiny_config(load_in_4bit=False, train_rows=8, max_steps=1, max_seq_length=192, batch_size=1)
     panel = LoraPanel(config, prompt="SELECT", model_path=model_path)
     panel.rank.value = 4
     panel.train_button.click()

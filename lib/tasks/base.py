@@ -42,8 +42,9 @@ class Task(ABC):
         return self.prompt(row) + self.completion(row)
 
     def clean(self, generated: str) -> str:
-        """The answer inside raw generated text (already cut at the format's stop): trimmed; answers may span
-        several lines. Tasks whose answers are one line override this."""
+        """The answer inside raw generated text (already cut at the format's stop): trimmed. Answers may span
+        several lines, and one-line tasks keep them too: an adapter stops at its end-of-text token, and a
+        base model that rambles on is scored on what it wrote."""
         return generated.strip()
 
     def baselines(self, rows: list[dict]) -> dict[str, list[str]]:
