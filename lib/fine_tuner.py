@@ -11,6 +11,7 @@ class decides what to train on, where results go, and what is recorded.
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import sys
@@ -45,10 +46,27 @@ class FineTuner:
         self.task = get_task(self.config.task)
         self.train_dataset = train_dataset
         self.trainer = None
+        self.lock = None  # runs.RunLock held from setup() to the end of train()
 
     # ---- setup: everything that can fail on bad input happens before the run folder exists ----
 
     def setup(self) -> "FineTuner":
+        config = self.config
+        if self.lock is None and int(os.environ.get("RANK", "0")) == 0:  # one lock per run: the main process's
+            self.lock = runs.RunLock(config).acquire()
+        try:
+            self._setup()
+        except BaseException:
+            self.release_lock()
+            raise
+        return self
+
+    def release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _setup(self) -> None:
         config = self.config
         runs.check_run_dir(config)
         self.model_path = resolve_base_model(config.base_model)
@@ -67,7 +85,6 @@ class FineTuner:
         self.trainer = self._build_trainer(model)
         if self.trainer.is_world_process_zero():
             runs.start_run_dir(config)
-        return self
 
     def _plan_micro_batch(self, shapes: memory.ModelShapes) -> None:
         """Split batch_size into micro-batches that fit the memory budget (lib/memory.py estimates)."""
@@ -183,12 +200,15 @@ class FineTuner:
         if resume_from and self.trainer.args.device.type == "cpu":
             allow_indexed_cpu_locations()
         started = time.perf_counter()
-        output = self.trainer.train(resume_from_checkpoint=resume_from)
-        wall_s = time.perf_counter() - started
-        record = self._run_record(output.metrics, wall_s, resume_from)
-        if self.trainer.is_world_process_zero():
-            self._save_adapter(record)
-        self.trainer.accelerator.wait_for_everyone()
+        try:
+            output = self.trainer.train(resume_from_checkpoint=resume_from)
+            wall_s = time.perf_counter() - started
+            record = self._run_record(output.metrics, wall_s, resume_from)
+            if self.trainer.is_world_process_zero():
+                self._save_adapter(record)
+            self.trainer.accelerator.wait_for_everyone()
+        finally:
+            self.release_lock()
         run_dir = self.config.run_dir
         return TrainResult(run_dir=run_dir, adapter_dir=run_dir / runs.ADAPTER, record=record)
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from lib.config import ConfigError, RunConfig
 ADAPTER, CHECKPOINTS = "adapter", "checkpoints"
 RUN_CONFIG, RUN_RECORD, METRICS = "run_config.json", "run_record.json", "metrics.json"
 STAGING_PREFIX = ".staging-"
+LOCK_NAME_MAX_BYTES = 240  # longer run names get a hashed lock file name
 # Settings that may differ between an interrupted run and the rerun that resumes it.
 RESUMABLE_CHANGES = ("overwrite",)
 
@@ -39,6 +41,61 @@ def write_json_atomic(path: Path, content) -> None:
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+class RunLock:
+    """An exclusive lock on a run folder for a whole run, so two runs never write one folder at once.
+
+    The lock is `<output_dir>/.<run_name>.lock` (beside the folder, which may not exist yet), held with
+    flock: the operating system releases it when its process ends, however it ends, so a lock left by a
+    killed run never blocks the rerun that resumes it; the file keeps the holder's process id for the
+    error message and for the note about a stale file."""
+
+    def __init__(self, config: RunConfig):
+        name = config.run_name
+        if len(name.encode("utf-8")) > LOCK_NAME_MAX_BYTES:  # ".<name>.lock" must stay a legal file name
+            name = hashlib.sha256(name.encode("utf-8")).hexdigest()[:16]
+        self.path = Path(config.output_dir) / f".{name}.lock"
+        self.output_dir, self.run_dir, self.handle = Path(config.output_dir), config.run_dir, None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+        import warnings
+
+        _check_writable(self.output_dir)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = self.path.open("a+", encoding="utf-8")
+        except OSError as error:
+            raise ConfigError("output_dir", str(self.output_dir), f"a writable folder ({error.strerror})") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._holder(handle)
+            handle.close()
+            raise ConfigError("run_name", self.run_dir.name, f"a run name no other run is using: process {holder} "
+                                                             f"is training into {self.run_dir} now (lock {self.path})") from None
+        stale = self._holder(handle)
+        if stale and stale != str(os.getpid()):
+            warnings.warn(f"{self.path}: the run of process {stale} ended without releasing its lock "
+                          "(killed?); taking it over", stacklevel=3)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.path.unlink(missing_ok=True)  # while still held: a waiting run then finds no stale id
+            self.handle.close()  # closing releases the flock
+            self.handle = None
+
+    @staticmethod
+    def _holder(handle) -> str:
+        handle.seek(0)
+        return handle.read().strip()
 
 
 def check_run_dir(config: RunConfig) -> None:

@@ -290,3 +290,29 @@ def test_quality_json_rows_carry_what_a_reader_needs():
     for task in ("sql", "detox", "instruction"):
         kinds = {(row["recipe"], row["trained_on"]["source"] == "embedded generator") for row in rows if row["task"] == task}
         assert {("gpu", False), ("gpu", True), ("cpu", False)} <= kinds, task
+
+
+# ---- one run per run folder at a time ---------------------------------------------------------------------
+
+
+def test_a_second_run_into_a_busy_folder_is_refused_at_once(tiny_config):
+    config = tiny_config(task="sql", run_name="busy", max_steps=1)
+    first = FineTuner(config).setup()
+    with pytest.raises(ConfigError) as error:
+        FineTuner(config).setup()
+    assert error.value.setting == "run_name" and "is training into" in str(error.value)
+    first.train()  # releases the lock
+    assert not list(Path(config.output_dir).glob(".busy.lock"))
+    with pytest.raises(ConfigError) as again:
+        FineTuner(config).setup()  # free again: now refused only because the adapter exists
+    assert again.value.setting == "overwrite"
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_note(tiny_config):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    config = tiny_config(task="sql", run_name="stale", max_steps=1)
+    Path(config.output_dir).mkdir(parents=True)
+    (Path(config.output_dir) / ".stale.lock").write_text(dead.stdout.strip())
+    with pytest.warns(UserWarning, match=f"process {dead.stdout.strip()} ended without releasing"):
+        tuner = FineTuner(config).setup()
+    tuner.release_lock()
