@@ -29,6 +29,7 @@ from lib.tasks import get_task
 
 
 MAX_DROPPED_SHARE = 0.1  # more training rows than this losing their answer to max_seq_length is an error
+FAR_BEYOND_MACHINE = 4  # an estimate this many times the device's whole memory cannot train: refuse, not crash
 
 
 @dataclass
@@ -97,6 +98,16 @@ class FineTuner:
         self.micro_batch_size, self.grad_accum = size, config.batch_size // size
         self.memory_plan = {"micro_batch_size": size, "grad_accum": self.grad_accum,
                             "estimated_gib": round(estimate / 2**30, 3), "budget_gib": round(budget / 2**30, 3)}
+        machine = memory.machine_bytes(setup)
+        if estimate > FAR_BEYOND_MACHINE * machine:
+            parts = memory.training_memory(shapes, config, setup, size)
+            largest = max(parts, key=parts.get)
+            setting = {"activations": "max_seq_length", "attention scores": "max_seq_length",
+                       "base weights": "base_model"}.get(largest, "lora_r")
+            raise ConfigError(setting, getattr(config, setting),
+                              f"a value whose training fits this machine: {size} sequence(s) a pass are estimated at "
+                              f"{estimate / 2**30:,.0f} GiB ({largest}: {parts[largest] / 2**30:,.0f} GiB), "
+                              f"over {FAR_BEYOND_MACHINE}x its {machine / 2**30:,.0f} GiB")
         if estimate > budget:
             warnings.warn(f"a micro-batch of {size} sequence(s) is estimated to need {estimate / 2**30:.1f} GiB, "
                           f"over the memory budget of {budget / 2**30:.1f} GiB (memory_budget_gib="

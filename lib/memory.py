@@ -237,15 +237,22 @@ def budget_bytes(config, setup: Runtime) -> float:
     if config.memory_budget_gib != "auto":
         return config.memory_budget_gib * 2**30
     if setup.on_gpu:
+        return GPU_BUDGET_SHARE * machine_bytes(setup)
+    local_processes = max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
+    return CPU_BUDGET_SHARE * machine_bytes(setup) / local_processes
+
+
+def machine_bytes(setup: Runtime) -> float:
+    """The whole memory of the device a process trains on: its GPU's, or this machine's RAM."""
+    if setup.on_gpu:
         import torch
 
         from lib.models import process_device
 
-        return GPU_BUDGET_SHARE * torch.cuda.get_device_properties(process_device()).total_memory
+        return torch.cuda.get_device_properties(process_device()).total_memory
     import psutil
 
-    local_processes = max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
-    return CPU_BUDGET_SHARE * psutil.virtual_memory().total / local_processes
+    return psutil.virtual_memory().total
 
 
 def micro_batch(shapes: ModelShapes, config, setup: Runtime) -> tuple[int, float, float]:

@@ -10,6 +10,7 @@ any Hub model.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -101,8 +102,7 @@ def resolve_base_model(base_model: str) -> str:
         raise ConfigError("base_model", base_model, f"an existing model directory, a Hub id, or {EMBEDDED!r} "
                                                     f"({error})") from None
     if is_dir:
-        if not (path / "config.json").is_file():
-            raise ConfigError("base_model", base_model, "a model directory containing config.json")
+        _check_model_dir(path, base_model)
         return str(path)
     looks_like_path = base_model.startswith((".", "/", "~")) or base_model.count("/") > 1
     if looks_like_path:
@@ -112,6 +112,31 @@ def resolve_base_model(base_model: str) -> str:
     raise ConfigError("base_model", base_model,
                       f"a model available offline: the Hugging Face Hub cannot be reached from here, "
                       f"so use {EMBEDDED!r} ({EMBEDDED_NAME}, shipped with the project) or a local model directory")
+
+
+MODEL_WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def _check_model_dir(path: Path, base_model: str) -> None:
+    """A model folder that transformers can load: a readable config.json naming its architecture, weights
+    and a tokenizer; each missing piece is named (transformers' own errors point elsewhere, e.g. at
+    sentencepiece)."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("base_model", base_model, "a model directory containing config.json") from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ConfigError("base_model", base_model, f"a model directory with a valid config.json ({error})") from None
+    if not isinstance(config, dict) or not config.get("model_type") or not (config.keys() - {"model_type"}):
+        raise ConfigError("base_model", base_model, "a model directory whose config.json describes the model "
+                                                    "(model_type and its sizes), as save_pretrained writes it")
+    if not any(any(path.glob(pattern)) for pattern in MODEL_WEIGHTS):
+        raise ConfigError("base_model", base_model, "a model directory with weights (*.safetensors or *.bin); "
+                                                    "this one has none")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError("base_model", base_model, "a model directory with a tokenizer (tokenizer.json, "
+                                                    "tokenizer.model or vocab.json); this one has none")
 
 
 def _in_hub_cache(repo_id: str) -> bool:

@@ -316,3 +316,24 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_note(tiny_config):
     with pytest.warns(UserWarning, match=f"process {dead.stdout.strip()} ended without releasing"):
         tuner = FineTuner(config).setup()
     tuner.release_lock()
+
+
+def test_a_memory_estimate_far_beyond_the_machine_is_refused_not_crashed(tiny_config):
+    with pytest.raises(ConfigError) as error:
+        FineTuner(tiny_config(task="sql", lora_r=1_000_000_000, run_name="huge")).setup()
+    assert error.value.setting == "lora_r" and "GiB" in str(error.value) and "fits this machine" in str(error.value)
+    assert not (Path(tiny_config().output_dir) / "huge").exists()
+
+
+@pytest.mark.parametrize("broken, expected", [
+    ({"config.json": "{not json"}, "valid config.json"),
+    ({"config.json": '{"model_type": "llama"}'}, "model_type and its sizes"),
+    ({"config.json": '{"model_type": "llama", "hidden_size": 64}'}, "weights"),
+    ({"config.json": '{"model_type": "llama", "hidden_size": 64}', "model.safetensors": "x"}, "a tokenizer"),
+])
+def test_a_broken_model_folder_is_named_piece_by_piece(tmp_path, broken, expected):
+    for name, text in broken.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=expected) as error:
+        resolve_base_model(str(tmp_path))
+    assert error.value.setting == "base_model"
