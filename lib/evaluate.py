@@ -60,11 +60,14 @@ def named_adapters(items: list[str]) -> dict[str, Path]:
 
 def trained_base_model(adapters: dict[str, Path]) -> str:
     """The base model the adapters were trained on (their run records), "embedded" when none says."""
+    from lib.evaluation import trained_config
+
     models = set()
     for name, folder in adapters.items():
-        try:
-            models.add(json.loads((folder / "run_record.json").read_text(encoding="utf-8"))["config"]["base_model"])
-        except (OSError, ValueError, KeyError):
+        base_model = trained_config(folder).get("base_model")
+        if base_model:
+            models.add(base_model)
+        else:
             print(f"note: adapter {name!r} has no run record; assuming the embedded base model and the tags "
                   "prompt format", file=sys.stderr)
     if len(models) > 1:

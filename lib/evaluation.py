@@ -59,7 +59,11 @@ class Evaluator:
 
     def answers(self, fmt: PromptFormat, rows: list[dict], adapter: str = BASE, progress: bool = True) -> list[str]:
         """Cleaned greedy answers for the rows' prompts in a format, from the base model or a named adapter."""
-        prompts = [fmt.prompt(row) for row in rows]
+        return self.answer_prompts(fmt, [fmt.prompt(row) for row in rows], adapter, progress)
+
+    def answer_prompts(self, fmt: PromptFormat, prompts: list[str], adapter: str = BASE,
+                       progress: bool = False) -> list[str]:
+        """Cleaned greedy answers to prompts already written in a format (e.g. typed into a panel)."""
         texts = self.generate(prompts, fmt.task.max_new_tokens, adapter, progress, fmt.stop_strings)
         return [fmt.clean(text) for text in texts]
 
@@ -132,15 +136,17 @@ class Evaluator:
         }
 
 
-def trained_prompt_format(adapter_dir: str | Path) -> str:
-    """The prompt format an adapter was trained with, from its run record ("tags" for older adapters)."""
-    import json
-
+def trained_config(adapter_dir: str | Path) -> dict:
+    """The settings an adapter was trained with, from the run record saved beside it ({} when it has none)."""
     try:
-        record = json.loads((Path(adapter_dir) / runs.RUN_RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return "tags"
-    return record.get("config", {}).get("prompt_format", "tags")
+        return runs.read_json(Path(adapter_dir) / runs.RUN_RECORD).get("config", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def trained_prompt_format(adapter_dir: str | Path) -> str:
+    """The prompt format an adapter was trained with ("tags" for adapters from before formats existed)."""
+    return trained_config(adapter_dir).get("prompt_format", "tags")
 
 
 def report_scores(report: dict) -> dict[str, dict]:

@@ -318,8 +318,7 @@ def playground(evaluator, tasks: dict, example_rows: dict[str, dict]):
 
         name = chooser.value
         fmt = evaluator.adapter_format(tasks[name], name)
-        answers = {label: fmt.clean(evaluator.generate([prompt.value], fmt.task.max_new_tokens, adapter,
-                                                       stop_strings=fmt.stop_strings)[0])
+        answers = {label: evaluator.answer_prompts(fmt, [prompt.value], adapter)[0]
                    for label, adapter in (("base model", BASE), ("with adapter", name))}
         output.clear_output()
         with output:

@@ -193,8 +193,7 @@ class LoraPanel:
         evaluator = Evaluator(self.model_path, self.result.record["config"]["load_in_4bit"])
         evaluator.attach("adapter", self.result.adapter_dir)
         fmt = evaluator.adapter_format(get_task(self.base_config.task), "adapter")
-        base, tuned = (fmt.clean(evaluator.generate([self.prompt.value], fmt.task.max_new_tokens, name,
-                                                    stop_strings=fmt.stop_strings)[0]) for name in (BASE, "adapter"))
+        base, tuned = (evaluator.answer_prompts(fmt, [self.prompt.value], name)[0] for name in (BASE, "adapter"))
         self.answers.outputs = ()  # set directly, not captured with `with`: it then also works outside a kernel
         self.answers.append_display_data(HTML(
             f"<table><tr><th>base model</th><th>with adapter</th></tr><tr><td><pre>{html.escape(base)}</pre></td>"
