@@ -19,9 +19,11 @@ runs. A name the notebook does not declare is an error, so a secret can never sl
 parameter: secrets (HF_TOKEN) stay in the environment, which the notebook's kernel inherits.
 
 The run goes into a new folder, <output_dir>/<run_name>; an existing folder is never reused (give
-another --run-name). The executed notebook is written there beside what the notebook saved
-(adapter, run record, metrics, plots). Exit status: 0 when every cell ran, 1 when a cell failed
-(its error is printed last), 2 for bad arguments.
+another --run-name), except with --resume. The executed notebook is written there beside what the
+notebook saved (adapter, run record, metrics, plots). A SIGTERM (a CML Job stopped by its user) is
+passed to the kernel: training saves a checkpoint and stops, and the job prints the command that goes
+on from there (the same one with --run-name <its folder> --resume). Exit status: 0 when every cell
+ran, 1 when a cell failed (its error is printed last), 2 for bad arguments, 143 when stopped.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import json
 import logging
 import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -49,6 +53,8 @@ PROJECT_KERNEL = "qlora-amp"            # registered for this Python when the py
 ARTIFACTS = (("adapter", "adapter"), ("run record", "run_record.json"), ("metrics", "metrics.json"),
              ("loss curve", "loss_curve.png"), ("metrics chart", "metrics.png"), ("worker logs", "logs"))
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+RUN_CONFIG = "run_config.json"          # what a started training run leaves in its folder (lib.runs)
+STOPPED_EXIT = 128 + signal.SIGTERM     # 143: stopped by SIGTERM (a CML Job stopped by its user)
 
 
 class UsageError(ValueError):
@@ -118,11 +124,17 @@ def default_value(declared: dict, name: str):
 
 # ---- the run folder and the kernel ------------------------------------------------------------
 
-def new_run_dir(output_dir: Path, run_name: str, prefix: str) -> Path:
-    """Create and return a run folder that did not exist: `run_name`, or <prefix>-<date>-<time>[-n]."""
+def new_run_dir(output_dir: Path, run_name: str, prefix: str, resume: bool = False) -> Path:
+    """Create and return a run folder that did not exist: `run_name`, or <prefix>-<date>-<time>[-n].
+    resume: `run_name` is the folder of a stopped job to go on with (it must hold that job's settings)."""
     if run_name and (Path(run_name).name != run_name or run_name in (".", "..")):
         raise UsageError(f"run name {run_name!r} must be a plain folder name, without slashes")
     output_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        if not run_name or not (output_dir / run_name / RUN_CONFIG).is_file():
+            raise UsageError(f"--resume goes on with a stopped job: give its --run-name; {output_dir / (run_name or '?')} "
+                             "holds no stopped run")
+        return output_dir / run_name
     if run_name:
         try:
             (output_dir / run_name).mkdir()
@@ -184,6 +196,8 @@ def parse_arguments(notebook: Path, argv: list[str] | None, declared: dict) -> a
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="set one parameter")
     parser.add_argument("--output-dir", help="parent folder of the run folder (default: the output_dir parameter)")
     parser.add_argument("--run-name", help="the new run folder's name (default: <task>-<date>-<time>)")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on with the stopped job of --run-name (same parameters) from its last checkpoint")
     return parser.parse_args(argv)
 
 
@@ -201,7 +215,7 @@ def prepare(notebook: Path, argv: list[str] | None, environ: dict, label: str = 
                   or (default_value(declared, "output_dir") if "output_dir" in declared else "runs"))
     task = values.get("task") or (default_value(declared, "task") if "task" in declared else "")
     prefix = "-".join(filter(None, (label, task))) or notebook.stem.lstrip("0123456789_")
-    run_dir = new_run_dir(REPO_ROOT / output_dir, values.get("run_name", ""), prefix)
+    run_dir = new_run_dir(REPO_ROOT / output_dir, values.get("run_name", ""), prefix, resume=args.resume)
     for name, value in (("output_dir", str(run_dir.parent)), ("run_name", run_dir.name)):
         if name in declared:
             values[name] = value
@@ -225,16 +239,62 @@ def run_job(notebook: str, argv: list[str] | None = None, label: str = "") -> in
     executed = run_dir / notebook_path.name
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     print(f"running {notebook_path.name} on kernel {kernel!r} into {run_dir}\nparameters: {parameters}", flush=True)
-    try:
-        papermill.execute_notebook(str(notebook_path), str(executed), parameters=parameters, kernel_name=kernel,
-                                   cwd=str(REPO_ROOT), log_output=True, progress_bar=False)
-    except papermill.PapermillExecutionError as error:
-        print(ANSI_ESCAPE.sub("", "\n".join(error.traceback)), file=sys.stderr)
-        print(f"\nFAILED: cell {error.exec_count} of {notebook_path.name} raised {error.ename}: {error.evalue}\n"
-              f"executed notebook (with the error): {executed}", file=sys.stderr, flush=True)
-        return 1
+    with ForwardStop() as stop:
+        try:
+            papermill.execute_notebook(str(notebook_path), str(executed), parameters=parameters, kernel_name=kernel,
+                                       cwd=str(REPO_ROOT), log_output=True, progress_bar=False)
+        except Exception as error:  # noqa: BLE001 - a stopped job reports the stop whatever the kernel raised
+            if stop.received:
+                return stopped(error, run_dir, executed)
+            if not isinstance(error, papermill.PapermillExecutionError):
+                raise
+            print(ANSI_ESCAPE.sub("", "\n".join(error.traceback)), file=sys.stderr)
+            print(f"\nFAILED: cell {error.exec_count} of {notebook_path.name} raised {error.ename}: {error.evalue}\n"
+                  f"executed notebook (with the error): {executed}", file=sys.stderr, flush=True)
+            return 1
     print(summary(run_dir, executed))
     return 0
+
+
+class ForwardStop:
+    """While papermill runs, a SIGTERM to the job (a CML Job stopped by its user) goes on to the kernel,
+    where training saves a checkpoint and stops (lib.stopping), instead of ending the job at once."""
+
+    def __init__(self):
+        self.received, self._previous = False, None
+
+    def __enter__(self) -> "ForwardStop":
+        self._previous = signal.signal(signal.SIGTERM, self._forward)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+    def _forward(self, signum, frame) -> None:
+        import psutil
+
+        self.received = True
+        print("SIGTERM received: passing it to the notebook's kernel (training saves a checkpoint and stops)",
+              flush=True)
+        for child in psutil.Process().children():  # the kernel; it passes the stop on to what it started
+            try:
+                child.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+
+
+def stopped(error: Exception, run_dir: Path, executed: Path) -> int:
+    """Report a job stopped by SIGTERM and how to go on with it; the exit status."""
+    command = [sys.executable, *sys.argv]
+    if "--resume" not in command:
+        command += ["--run-name", run_dir.name, "--resume"] if "--run-name" not in command else ["--resume"]
+    checkpoints = run_dir / "checkpoints"
+    resumable = checkpoints.is_dir() and any(checkpoints.glob("checkpoint-*/trainer_state.json"))
+    detail = getattr(error, "evalue", "") or str(error)
+    print(f"\nSTOPPED by SIGTERM: {detail}\nexecuted notebook: {executed}", file=sys.stderr)
+    if resumable:
+        print(f"to go on from the last checkpoint: {shlex.join(command)}", file=sys.stderr, flush=True)
+    return STOPPED_EXIT
 
 
 def summary(run_dir: Path, executed: Path) -> str:

@@ -25,11 +25,13 @@ from lib.config import ConfigError, RunConfig
 from lib.data import load_splits, to_prompt_completion
 from lib.models import compute_dtype, load_base_model, load_tokenizer, resolve_base_model
 from lib.prompts import PromptFormat
+from lib.stopping import StopOnSignal, TrainingStopped
 from lib.tasks import get_task
 
 
 MAX_DROPPED_SHARE = 0.1  # more training rows than this losing their answer to max_seq_length is an error
 FAR_BEYOND_MACHINE = 4  # an estimate this many times the device's whole memory cannot train: refuse, not crash
+SPACE_MARGIN_BYTES = 32 * 2**20  # tokenizer files, trainer state, RNG states, JSON records
 
 
 @dataclass
@@ -81,11 +83,24 @@ class FineTuner:
         self.format = PromptFormat.build(config.prompt_format, self.task, self.tokenizer)
         self.truncation = self._check_truncation()
         self._plan_micro_batch(shapes)
+        self.space_needed = self._check_free_space(memory.trainable_parameters(shapes, config.lora_r, self.target_modules))
         model = load_base_model(self.model_path, config.load_in_4bit, attention=config.attention,
                                 precision=config.precision)
         self.trainer = self._build_trainer(model)
         if self.trainer.is_world_process_zero():
             runs.start_run_dir(config)
+
+    def _check_free_space(self, trainable: int) -> int:
+        """Refuse before training when the output folder cannot hold a checkpoint and the adapter; the bytes needed.
+        A checkpoint holds the adapter (4 bytes a trainable parameter) and AdamW's two moments (8 more), the
+        adapter folder the adapter and the tokenizer; rotation writes the next checkpoint before dropping one."""
+        needed = trainable * (12 + 4) + SPACE_MARGIN_BYTES
+        free = runs.free_bytes(self.config.run_dir)
+        if free < needed:
+            raise ConfigError("output_dir", self.config.output_dir,
+                              f"a folder with at least {needed / 2**20:,.1f} MiB free for a checkpoint and the adapter "
+                              f"of this run; {free / 2**20:,.1f} MiB are free there")
+        return needed
 
     def _plan_micro_batch(self, shapes: memory.ModelShapes) -> None:
         """Split batch_size into micro-batches that fit the memory budget (lib/memory.py estimates)."""
@@ -205,20 +220,36 @@ class FineTuner:
         return self.setup().train()
 
     def train(self) -> TrainResult:
+        """Train (resuming from the run folder's last checkpoint), then save the adapter. A stop signal
+        (SIGTERM) saves a checkpoint and raises TrainingStopped; a full disk raises runs.StorageError after
+        removing partial files; the run lock is released however training ends."""
         if self.trainer is None:
             self.setup()
         resume_from = runs.last_checkpoint(self.config.run_dir)
         if resume_from and self.trainer.args.device.type == "cpu":
             allow_indexed_cpu_locations()
+        stop = StopOnSignal()
+        self.trainer.add_callback(stop)
         started = time.perf_counter()
         try:
-            output = self.trainer.train(resume_from_checkpoint=resume_from)
+            with stop.installed():
+                output = self.trainer.train(resume_from_checkpoint=resume_from)
+            if stop.stopped_at is not None:
+                self.trainer.accelerator.wait_for_everyone()
+                raise TrainingStopped(stop.signal_name, stop.stopped_at, runs.last_checkpoint(self.config.run_dir))
             wall_s = time.perf_counter() - started
             record = self._run_record(output.metrics, wall_s, resume_from)
             if self.trainer.is_world_process_zero():
                 self._save_adapter(record)
             self.trainer.accelerator.wait_for_everyone()
+        except Exception as error:
+            failure = runs.storage_failure(error)
+            if failure is None:
+                raise
+            runs.remove_partial_writes(self.config.run_dir)
+            raise runs.StorageError(self.config.run_dir, failure, self.space_needed) from error
         finally:
+            self.trainer.remove_callback(stop)
             self.release_lock()
         run_dir = self.config.run_dir
         return TrainResult(run_dir=run_dir, adapter_dir=run_dir / runs.ADAPTER, record=record)

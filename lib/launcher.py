@@ -44,6 +44,7 @@ ACCELERATE_CONFIGS = REPO_ROOT / "accelerate_configs"
 WORKERS_VARIABLE = "NUM_GPU_WORKERS"
 LAUNCH, LOGS = "launch", "logs"  # run-folder subfolders: what every process reads; what every worker printed
 POLL_S = 0.5                     # how often the workers' states are checked
+STOP_TIMEOUT_S = 120             # after a stop signal: how long the workers may take to save a checkpoint and end
 LOG_TAIL_LINES = 40              # lines of a failed worker's log shown in LaunchError
 
 
@@ -62,6 +63,40 @@ class LaunchError(RuntimeError):
         self.rank, self.reason, self.log_path = rank, reason, log_path
         super().__init__(f"worker rank {rank} {reason}; every worker of the run was stopped.\n"
                          f"--- last lines of {log_path} ---\n{log_tail(log_path)}")
+
+
+class RunStopped(RuntimeError):
+    """The launch got a stop signal (SIGTERM: the CML Job was stopped); the workers saved a checkpoint and ended."""
+
+    exit_code = 128 + signal.SIGTERM
+
+    def __init__(self, signal_name: str, run_dir: Path):
+        checkpoint = runs.last_checkpoint(run_dir)
+        step = checkpoint.rsplit("-", 1)[-1] if checkpoint else None
+        saved = f"saved {checkpoint} (step {step})" if checkpoint else "saved no checkpoint (stopped before the first step)"
+        super().__init__(f"{signal_name} received: every worker stopped at the end of a step and {saved}; "
+                         "launch the same run again to resume")
+
+
+class StopRequest:
+    """While installed, a stop signal to this process is recorded (not fatal) so the launch can pass it on."""
+
+    def __init__(self):
+        self.signal_name, self._previous = None, {}
+
+    def __enter__(self) -> "StopRequest":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self._previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, self._received)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _received(self, signum, frame) -> None:
+        self.signal_name = self.signal_name or signal.Signals(signum).name
 
 
 def workers_from_env(value: str | None = None) -> int:
@@ -170,15 +205,18 @@ def launch(config: RunConfig, num_workers: int | None = None, backend="auto", *,
     print(f"launching {num_workers} worker(s) x {processes_per_worker} process(es) with {template}.yaml "
           f"({workers_backend.name} backend); logs in {config.run_dir / LOGS}", flush=True)
     gpus = processes_per_worker if use_gpu else 0
-    failure = run_workers(workers_backend, argv, logs, gpus, join_timeout_s, echo,
-                          host_processes=processes_per_worker * (num_workers if shares_host else 1))
+    with StopRequest() as stop:
+        failure = run_workers(workers_backend, argv, logs, gpus, join_timeout_s, echo,
+                              host_processes=processes_per_worker * (num_workers if shares_host else 1), stop=stop)
     if failure:
         raise LaunchError(failure[0].rank, failure[1], failure[0].log_path)
+    if stop.signal_name:
+        raise RunStopped(stop.signal_name, config.run_dir)
     return _result(config.run_dir, logs)
 
 
 def run_workers(workers_backend, argv: dict[int, list[str]], logs: dict[int, Path], gpus: int,
-                join_timeout_s: float, echo: bool, host_processes: int):
+                join_timeout_s: float, echo: bool, host_processes: int, stop: StopRequest | None = None):
     """Start rank 0 here and the others through the backend, wait, and stop them all whatever happens;
     (worker, reason) for a failure, or None. gpus: per worker; host_processes: training processes on this host."""
     local_env = _local_env(host_processes)
@@ -189,7 +227,7 @@ def run_workers(workers_backend, argv: dict[int, list[str]], logs: dict[int, Pat
         for rank in sorted(argv)[1:]:
             workers.append(workers_backend.start(rank, argv[rank], remote_env, logs[rank],
                                                  join_timeout_s=join_timeout_s, gpus=gpus))
-        return wait_for_workers(workers, join_timeout_s, echo)
+        return wait_for_workers(workers, join_timeout_s, echo, stop)
     finally:
         for worker in workers:
             worker.stop()
@@ -263,12 +301,18 @@ def _local_env(host_processes: int) -> dict[str, str]:
     return env
 
 
-def wait_for_workers(workers: list, join_timeout_s: float, echo: bool):
-    """Wait until every worker has finished; (worker, reason) for the first failure, or None."""
+def wait_for_workers(workers: list, join_timeout_s: float, echo: bool, stop: StopRequest | None = None):
+    """Wait until every worker has finished; (worker, reason) for the first failure, or None.
+    After a stop signal: pass it on to rank 0's training processes (the ranks agree after every step,
+    so all of them save one checkpoint and end) and wait STOP_TIMEOUT_S for them to finish."""
     follower = LogFollower(workers[0].log_path) if echo else None
-    finished_at = None
+    finished_at = stopping_since = None
     try:
         while True:
+            if stop and stop.signal_name and stopping_since is None:
+                stopping_since = time.monotonic()
+                print(f"{stop.signal_name} received: asking the workers to save a checkpoint and stop", flush=True)
+                signal_training_processes(workers[0], signal.SIGTERM)
             codes = {worker.rank: worker.exit_code() for worker in workers}
             failed = [worker for worker in workers if codes[worker.rank] not in (None, 0)]
             if failed:
@@ -278,6 +322,8 @@ def wait_for_workers(workers: list, join_timeout_s: float, echo: bool):
             running = [worker for worker in workers if codes[worker.rank] is None]
             if not running:
                 return None
+            if stopping_since and time.monotonic() - stopping_since > STOP_TIMEOUT_S:
+                return running[0], f"did not stop within {STOP_TIMEOUT_S} s of the stop signal"
             if len(running) < len(workers):
                 finished_at = finished_at or time.monotonic()
                 if time.monotonic() - finished_at > join_timeout_s:
@@ -288,6 +334,23 @@ def wait_for_workers(workers: list, join_timeout_s: float, echo: bool):
     finally:
         if follower:
             follower.echo()
+
+
+def signal_training_processes(worker, sig: signal.Signals) -> None:
+    """Send `sig` to a local worker's training processes (those torchrun started, which have a RANK), not
+    to torchrun itself, which would treat it as a crash."""
+    import psutil
+
+    try:
+        children = psutil.Process(worker.process.pid).children(recursive=True)
+    except (psutil.NoSuchProcess, AttributeError):
+        return
+    for child in children:
+        try:
+            if "RANK" in child.environ():
+                child.send_signal(sig)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
 
 
 def _failure_reason(worker, code: int, failed: list) -> str:
@@ -343,6 +406,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except RunStopped as stopped:
+        print(f"stopped: {stopped}", file=sys.stderr)
+        return stopped.exit_code
+    except LaunchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     if evaluate:
         from lib.data import load_splits
         from lib.evaluation import comparison_table

@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -25,6 +27,71 @@ STAGING_PREFIX = ".staging-"
 LOCK_NAME_MAX_BYTES = 240  # longer run names get a hashed lock file name
 # Settings that may differ between an interrupted run and the rerun that resumes it.
 RESUMABLE_CHANGES = ("overwrite",)
+
+
+# Write failures that more space (or another folder) cures, rather than a bug: disk full, quota,
+# a file over the size limit, a file system gone read-only, an I/O error.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
+
+
+class StorageError(RuntimeError):
+    """Writing the run's files failed for want of space (or a writable disk); names the folder, the space
+    the run needs and the space there is. Partial files were removed; complete checkpoints are kept."""
+
+    def __init__(self, folder: Path, cause: OSError, needed_bytes: int):
+        self.folder, self.needed_bytes = Path(folder), needed_bytes
+        free = free_bytes(self.folder)
+        what = {errno.EFBIG: "a file grew past this system's file-size limit (ulimit -f); raise the limit or",
+                errno.EROFS: "the file system became read-only; remount it or",
+                errno.EIO: "the disk reported an I/O error; check it or"}.get(cause.errno, "free space or")
+        super().__init__(f"writing into {self.folder} failed: {cause.strerror or cause}"
+                         f"{f' ({cause.filename})' if cause.filename else ''}. This run needs about "
+                         f"{needed_bytes / 2**20:,.1f} MiB there for a checkpoint and the adapter; "
+                         f"{free / 2**20:,.1f} MiB are free now. {what[0].upper() + what[1:]} set output_dir to "
+                         "another folder, then run the same command again: it resumes from the last complete "
+                         "checkpoint, if any; partial files were removed")
+
+
+def storage_failure(error: BaseException) -> OSError | None:
+    """The write failure for want of space behind `error`, or None: an OSError with one of STORAGE_ERRNOS,
+    or a library's own error that quotes one (safetensors' writer reports "I/O error: ... (os error 28)")."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in STORAGE_ERRNOS:
+            return seen
+        quoted = re.search(r"\(os error (\d+)\)", str(seen))
+        if quoted and int(quoted.group(1)) in STORAGE_ERRNOS:
+            code = int(quoted.group(1))
+            return OSError(code, os.strerror(code))
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def free_bytes(folder: Path) -> int:
+    """Free bytes on the file system that holds `folder` (or its nearest existing parent)."""
+    existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return shutil.disk_usage(existing).free
+
+
+def remove_partial_writes(run_dir: Path) -> list[Path]:
+    """Remove what an interrupted write left: checkpoints without their trainer state (written last)
+    and staging folders; the removed paths."""
+    partial = [path for path in (run_dir / CHECKPOINTS).glob("checkpoint-*")
+               if path.is_dir() and not _complete_checkpoint(path)]
+    partial += [path for path in run_dir.glob(f"{STAGING_PREFIX}*") if "retired" not in path.name]
+    for path in partial:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return partial
+
+
+def _complete_checkpoint(path: Path) -> bool:
+    try:
+        json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def write_json_atomic(path: Path, content) -> None:
@@ -152,7 +219,7 @@ def _restore_retired_adapter(run_dir: Path) -> None:
 def last_checkpoint(run_dir: Path) -> str | None:
     """The newest complete trainer checkpoint of an interrupted run, or None."""
     checkpoints = [path for path in (run_dir / CHECKPOINTS).glob("checkpoint-*")
-                   if path.name.split("-")[-1].isdigit() and (path / "trainer_state.json").is_file()]
+                   if path.name.split("-")[-1].isdigit() and _complete_checkpoint(path)]
     if not checkpoints:
         return None
     return str(max(checkpoints, key=lambda path: int(path.name.split("-")[-1])))

@@ -16,6 +16,7 @@ adapter, the run record, the metrics and the plots.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -46,6 +47,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[RunConfig, bool]:
 
 def main(argv: list[str] | None = None) -> int:
     from lib.fine_tuner import FineTuner
+    from lib.stopping import TrainingStopped
 
     try:
         config, evaluate = parse_config(argv)
@@ -53,7 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    result = tuner.train()
+    try:
+        result = tuner.train()
+    except TrainingStopped as stopped:
+        print(f"stopped: {stopped}", file=sys.stderr, flush=True)
+        # Under a launcher (torchrun) a clean stop is a success, so it does not report a crash of its own;
+        # run alone, the shell's status for SIGTERM says the work is not done.
+        return 0 if "TORCHELASTIC_RUN_ID" in os.environ else stopped.exit_code
+    except runs.StorageError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
     if not tuner.trainer.is_world_process_zero():
         return 0
     from lib import plots

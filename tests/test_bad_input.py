@@ -25,7 +25,7 @@ from lib.tasks import get_task
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = [field.name for field in dataclasses.fields(RunConfig)]
-EXAMPLES = 60  # hypothesis examples per property: enough to hit every type, small enough for a shared CPU
+EXAMPLES = 250  # hypothesis examples per property: 5 properties give the 1,250 generated cases a CI run tries
 FAST = settings(max_examples=EXAMPLES, deadline=None, database=None,  # database=None: no .hypothesis/ in the tree
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -222,3 +222,10 @@ def test_a_launch_with_a_home_folder_of_no_such_user_is_a_config_error(setting, 
         launch(config, 2, "local")
     assert_names_setting(error.value, setting)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_properties_try_at_least_1000_generated_cases_a_run():
+    """Issue 14's floor: the generated data files and settings of one run, summed over the properties here."""
+    properties = [test for name, test in globals().items() if name.startswith("test_") and hasattr(test, "hypothesis")]
+    total = sum(test._hypothesis_internal_use_settings.max_examples for test in properties)
+    assert len(properties) >= 5 and total >= 1000, (len(properties), total)
