@@ -7,6 +7,7 @@
 
 Writes a new folder under runs/ with the executed notebook, the adapter, the run record, metrics
 and plots; exits non-zero with the failing cell's error. Details: jobs/run_notebook.py.
+Rendered by tools/render_notebooks.py: edit the template there, not this file.
 """
 
 import sys

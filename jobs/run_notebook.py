@@ -44,6 +44,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # jobs run as files (python jobs/<job>.py); lib is at the root
+from lib.config import ConfigError, parse_value, split_setting  # noqa: E402
 from lib.evaluation import comparison_table  # noqa: E402
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
@@ -81,10 +82,7 @@ def read_value(name: str, text: str, type_name: str):
         if lowered in ("false", "0", "no"):
             return False
         raise UsageError(f"parameter {name!r} is a bool: give true or false, not {text!r}")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+    return parse_value(text)
 
 
 def collect_parameters(declared: dict[str, dict], environ: dict, settings: list[str]) -> dict:
@@ -103,10 +101,10 @@ def collect_parameters(declared: dict[str, dict], environ: dict, settings: list[
         if variable in environ:
             values[name] = read_value(name, environ[variable], info["inferred_type_name"])
     for item in settings:
-        name, equals, text = item.partition("=")
-        name = name.strip()
-        if not equals or not name:
-            raise UsageError(f"--set takes name=value, not {item!r}")
+        try:
+            name, text = split_setting(item)
+        except ConfigError:
+            raise UsageError(f"--set takes name=value, not {item!r}") from None
         info = declared.get(name, {"inferred_type_name": "None"})
         values[name] = read_value(name, text, info["inferred_type_name"])
     unknown = sorted(set(values) - set(declared))

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-TASK_NAMES = ("instruction", "sql", "detox")
+from lib.tasks import TASK_NAMES, TASKS
+
 PROMPT_FORMATS = ("tags", "chat")
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 TARGET_PRESETS = ("all-linear", "attention")
@@ -29,38 +30,19 @@ AUTO_OR_NUMBER = ("micro_batch_size", "memory_budget_gib")  # "auto" or a number
 NAME_MAX_BYTES = 255  # longest file or folder name, in bytes, on common file systems (ext4, xfs, APFS)
 
 
-# Each task's measured default recipes (docs/QUALITY.md), per device: only what differs from RunConfig's
-# defaults. "cpu" is sized for a workshop's 2 cores; "gpu" (chosen when CUDA is present) fills a GPU.
-TASK_RECIPES = {
-    "sql": {
-        "cpu": dict(train_rows=500, max_seq_length=256, batch_size=2, learning_rate=1e-3, packing=False),
-        "gpu": dict(train_rows=20000, max_seq_length=512, batch_size=16, learning_rate=1e-3, num_epochs=4.0,
-                    eval_rows=300, prompt_format="chat"),
-    },
-    "instruction": {
-        "cpu": dict(train_rows=1200, max_seq_length=256, batch_size=2, learning_rate=1e-3),
-        "gpu": dict(train_rows=6000, max_seq_length=1024, batch_size=16, learning_rate=5e-4, num_epochs=1.0,
-                    eval_rows=100),
-    },
-    "detox": {
-        "cpu": dict(train_rows=500, max_seq_length=256, batch_size=2, learning_rate=1e-3),
-        "gpu": dict(train_rows=10000, max_seq_length=256, batch_size=16, learning_rate=1e-3, num_epochs=1.0,
-                    eval_rows=300),
-    },
-}
 RECIPE_DEVICES = ("auto", "cpu", "gpu")
 
 
 def task_recipe(task: str, device: str = "auto") -> dict:
     """The settings of a task's recipe for a device ("auto": "gpu" when CUDA is present, else "cpu")."""
-    if task not in TASK_RECIPES:
+    if task not in TASKS:
         raise ConfigError("task", task, f"one of {', '.join(TASK_NAMES)}")
     _check_choice("recipe", device, RECIPE_DEVICES)
     if device == "auto":
         import torch
 
         device = "gpu" if torch.cuda.is_available() else "cpu"
-    return dict(TASK_RECIPES[task][device])
+    return dict(TASKS[task].recipes[device])
 
 
 class ConfigError(ValueError):
@@ -228,14 +210,21 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def split_setting(item: str) -> tuple[str, str]:
+    """One `--set name=value` item as (name, value text)."""
+    name, equals, text = item.partition("=")
+    if not equals or not name.strip():
+        raise ConfigError("--set", item, "name=value")
+    return name.strip(), text
+
+
 def parse_overrides(items: list[str]) -> dict:
-    """`name=value` items (the CLI's repeated `--set`) as a mapping of settings; a later item wins."""
+    """`name=value` items (the CLI's repeated `--set`) as a mapping of settings; a later item wins.
+    The one --set parser: lib.train, lib.launcher, the jobs (jobs/run_notebook.py) and tools use it."""
     values = {}
     for item in items:
-        name, equals, text = item.partition("=")
-        if not equals or not name.strip():
-            raise ConfigError("--set", item, "name=value")
-        values[name.strip()] = parse_value(text.strip())
+        name, text = split_setting(item)
+        values[name] = parse_value(text.strip())
     return values
 
 

@@ -53,7 +53,7 @@ def named_adapters(items: list[str]) -> dict[str, Path]:
         if not (path / "adapter_config.json").is_file():
             raise ConfigError("--adapter", item, "a folder holding a saved adapter (adapter_config.json)")
         if name in adapters or name == "base":
-            raise ConfigError("--adapter", item, f"a name not used twice (and not 'base'); give NAME=DIR")
+            raise ConfigError("--adapter", item, "a name not used twice (and not 'base'); give NAME=DIR")
         adapters[name] = path
     return adapters
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from lib import runs
 from lib.models import load_base_model, load_tokenizer
 from lib.prompts import PromptFormat
-from lib.tasks import Task
+from lib.tasks import Task, get_task
 
 BASE = "base"
 
@@ -173,7 +173,6 @@ def comparison_table(report: dict) -> str:
 def evaluate_run(config, eval_rows: list[dict], model_path: str) -> dict:
     """Base vs the run's adapter on held-out rows; writes metrics.json and metrics.png into the run folder."""
     from lib import plots
-    from lib.tasks import get_task
 
     run_dir = config.run_dir
     evaluator = Evaluator(model_path, config.load_in_4bit)

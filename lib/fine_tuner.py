@@ -17,13 +17,13 @@ import resource
 import sys
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from lib import memory, runs
+from lib import memory, plan as runtime_plan, runs
 from lib.config import ConfigError, RunConfig
 from lib.data import load_splits, to_prompt_completion
-from lib.models import compute_dtype, load_base_model, load_tokenizer, resolve_base_model
+from lib.models import load_base_model, load_tokenizer, resolve_base_model
 from lib.prompts import PromptFormat
 from lib.stopping import StopOnSignal, TrainingStopped
 from lib.tasks import get_task
@@ -82,10 +82,13 @@ class FineTuner:
         self.tokenizer = load_tokenizer(self.model_path)
         self.format = PromptFormat.build(config.prompt_format, self.task, self.tokenizer)
         self.truncation = self._check_truncation()
-        self._plan_micro_batch(shapes)
+        self.plan = runtime_plan.decide(config, shapes, longest_example=self._longest_example())
+        self._check_memory(shapes)
         self.space_needed = self._check_free_space(memory.trainable_parameters(shapes, config.lora_r, self.target_modules))
-        model = load_base_model(self.model_path, config.load_in_4bit, attention=config.attention,
-                                precision=config.precision)
+        model = load_base_model(self.model_path, config.load_in_4bit, attention=self.plan.attention,
+                                precision=self.plan.precision)
+        self.quantization_config = getattr(model.config, "quantization_config", None)  # BitsAndBytesConfig or None
+        self.lora_config = self._lora_config()
         self.trainer = self._build_trainer(model)
         if self.trainer.is_world_process_zero():
             runs.start_run_dir(config)
@@ -102,20 +105,13 @@ class FineTuner:
                               f"of this run; {free / 2**20:,.1f} MiB are free there")
         return needed
 
-    def _plan_micro_batch(self, shapes: memory.ModelShapes) -> None:
-        """Split batch_size into micro-batches that fit the memory budget (lib/memory.py estimates)."""
-        config = self.config
-        setup = memory.Runtime.resolve(config, shapes)
-        if not setup.packed:
-            setup = replace(setup, longest_example=self._longest_example())
-        self.runtime = setup  # checkpointing, Liger and packing as the trainer will run them
-        size, estimate, budget = memory.micro_batch(shapes, config, setup)
-        self.micro_batch_size, self.grad_accum = size, config.batch_size // size
-        self.memory_plan = {"micro_batch_size": size, "grad_accum": self.grad_accum,
-                            "estimated_gib": round(estimate / 2**30, 3), "budget_gib": round(budget / 2**30, 3)}
-        machine = memory.machine_bytes(setup)
+    def _check_memory(self, shapes: memory.ModelShapes) -> None:
+        """Refuse a plan whose memory estimate is far beyond the machine; warn when it is over the budget."""
+        config, plan = self.config, self.plan
+        size, estimate = plan.micro_batch_size, plan.estimated_gib * 2**30
+        machine = memory.machine_bytes(plan)
         if estimate > FAR_BEYOND_MACHINE * machine:
-            parts = memory.training_memory(shapes, config, setup, size)
+            parts = memory.training_memory(shapes, config, plan, size)
             largest = max(parts, key=parts.get)
             setting = {"activations": "max_seq_length", "attention scores": "max_seq_length",
                        "base weights": "base_model"}.get(largest, "lora_r")
@@ -123,10 +119,10 @@ class FineTuner:
                               f"a value whose training fits this machine: {size} sequence(s) a pass are estimated at "
                               f"{estimate / 2**30:,.0f} GiB ({largest}: {parts[largest] / 2**30:,.0f} GiB), "
                               f"over {FAR_BEYOND_MACHINE}x its {machine / 2**30:,.0f} GiB")
-        if estimate > budget:
-            warnings.warn(f"a micro-batch of {size} sequence(s) is estimated to need {estimate / 2**30:.1f} GiB, "
-                          f"over the memory budget of {budget / 2**30:.1f} GiB (memory_budget_gib="
-                          f"{config.memory_budget_gib!r}); training may run out of memory", stacklevel=2)
+        if plan.estimated_gib > plan.budget_gib:
+            warnings.warn(f"a micro-batch of {size} sequence(s) is estimated to need {plan.estimated_gib:.1f} GiB, "
+                          f"over the memory budget of {plan.budget_gib:.1f} GiB (memory_budget_gib="
+                          f"{config.memory_budget_gib!r}); training may run out of memory", stacklevel=3)
 
     def _check_truncation(self) -> dict:
         """Count the training rows that max_seq_length cuts: an answer cut short teaches a wrong ending,
@@ -153,7 +149,7 @@ class FineTuner:
         return summary
 
     def _longest_example(self) -> int:
-        """Tokens of the longest training example (prompt and answer), as the trainer will see it."""
+        """Tokens of the longest training example (prompt and answer), as the trainer will see it (0: unknown)."""
         if self.train_dataset is not None:
             return max((len(row["input_ids"]) for row in self.train_dataset if "input_ids" in row), default=0)
         return self.truncation.get("longest_example_tokens", 0)  # with the end-of-text token; 0: nothing known
@@ -164,7 +160,7 @@ class FineTuner:
 
         rows = to_prompt_completion(self.train_rows, self.format) if self.train_dataset is None else self.train_dataset
         trainer = SFTTrainer(model=model, args=self._training_args(), train_dataset=Dataset.from_list(rows),
-                             processing_class=self.tokenizer, peft_config=self._lora_config())
+                             processing_class=self.tokenizer, peft_config=self.lora_config)
         if trainer.args.fp16:  # fp16 loss scaling unscales fp32 gradients only; TRL casts 4-bit adapters to bf16
             for parameter in trainer.model.parameters():
                 if parameter.requires_grad:
@@ -179,28 +175,27 @@ class FineTuner:
                           target_modules=self.target_modules, bias="none", task_type="CAUSAL_LM")
 
     def _training_args(self):
-        import torch
         from trl import SFTConfig
 
-        config, dtype, on_gpu = self.config, compute_dtype(self.config.precision), torch.cuda.is_available()
+        config, plan = self.config, self.plan
         return SFTConfig(
             output_dir=str(config.run_dir / runs.CHECKPOINTS),
-            per_device_train_batch_size=self.micro_batch_size,
-            gradient_accumulation_steps=self.grad_accum,
+            per_device_train_batch_size=plan.micro_batch_size,
+            gradient_accumulation_steps=plan.grad_accum,
             learning_rate=config.learning_rate,
             lr_scheduler_type=config.lr_scheduler,
-            warmup_steps=config.warmup_ratio,  # a float below 1 is a share of the total steps
+            warmup_steps=warmup_share(config.warmup_ratio),
             num_train_epochs=config.num_epochs,
             max_steps=config.max_steps,
             max_grad_norm=config.max_grad_norm,
-            gradient_checkpointing=self.runtime.checkpointing,
-            bf16=dtype == torch.bfloat16,
-            fp16=dtype == torch.float16,
-            use_cpu=not on_gpu,
-            optim=optimizer_name(config.optimizer, on_gpu),
-            use_liger_kernel=self.runtime.liger,
+            gradient_checkpointing=plan.checkpointing,
+            bf16=plan.precision == "bf16",
+            fp16=plan.precision == "fp16",
+            use_cpu=not plan.on_gpu,
+            optim=plan.optimizer,
+            use_liger_kernel=plan.liger,
             # packed examples share a row: only models that read position_ids keep them apart (not bloom)
-            packing=self.runtime.packed,
+            packing=plan.packed,
             max_length=config.max_seq_length,
             completion_only_loss=config.completion_only_loss,
             logging_steps=config.logging_steps,
@@ -286,7 +281,7 @@ class FineTuner:
             "train_tokens": tokens,
             "tokens_per_s": round(tokens / train_metrics["train_runtime"], 1) if train_metrics.get("train_runtime") else None,
             "peak_memory_gib": peak_memory_gib(),
-            "memory_plan": self.memory_plan,
+            "plan": self.plan.to_dict(),  # every "auto" as decided (lib.plan), with the micro-batch
             "world_size": self.trainer.accelerator.num_processes,
             "rank_shares": self._rank_shares(),
             "device": device_name(),
@@ -300,14 +295,14 @@ class FineTuner:
         accelerator = self.trainer.accelerator
         batches = len(self.trainer.get_train_dataloader())
         share = {"rank": accelerator.process_index, "batches_per_epoch": batches,
-                 "sequences_per_epoch": batches * self.micro_batch_size}
+                 "sequences_per_epoch": batches * self.plan.micro_batch_size}
         return sorted(gather_object([share]), key=lambda item: item["rank"])
 
 
-def optimizer_name(optimizer: str, on_gpu: bool) -> str:
-    if optimizer != "auto":
-        return optimizer
-    return "adamw_torch_fused" if on_gpu else "adamw_torch"
+def warmup_share(ratio: float) -> float:
+    """warmup_ratio as transformers 5 takes it: its `warmup_steps` reads a float below 1 as a share of the
+    total steps (the separate warmup_ratio argument is deprecated)."""
+    return float(ratio)
 
 
 def allow_indexed_cpu_locations() -> None:
@@ -317,7 +312,7 @@ def allow_indexed_cpu_locations() -> None:
 
     global _INDEXED_CPU_REGISTERED
     if not _INDEXED_CPU_REGISTERED:
-        torch.serialization.register_package(
+        torch.serialization.register_package(  # priority 11: asked right after torch's own "cpu" (10)
             11, lambda obj: None, lambda storage, location: storage.cpu() if location.startswith("cpu:") else None)
         _INDEXED_CPU_REGISTERED = True
 

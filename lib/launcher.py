@@ -388,6 +388,23 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:]) or "(empty log)"
 
 
+def accelerate_config_preview(num_workers: int, processes_per_worker: int, backend: str, rank: int) -> str:
+    """The accelerate config `launch` would write for one worker's rank, rendered to a scratch file."""
+    import tempfile
+
+    import torch
+
+
+    use_gpu = torch.cuda.is_available()
+    workers = worker_backend(backend) if num_workers > 1 else None
+    template = topology_template(num_workers, processes_per_worker, use_gpu)
+    values = worker_values(template, rank, num_workers, processes_per_worker,
+                           workers.main_address() if workers else "127.0.0.1", free_port(), use_gpu,
+                           workers is None or workers.shares_host)
+    path = render_accelerate_config(template, Path(tempfile.mkdtemp()) / f"accelerate-{rank}.yaml", **values)
+    return f"# {template}.yaml rendered for rank {rank}\n" + path.read_text(encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     from lib.evaluation import evaluate_run
     from lib.train import parse_config

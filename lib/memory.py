@@ -2,9 +2,9 @@
 
     shapes = read_shapes(model_path)              # the meta-device model: shapes only
     trainable_parameters(shapes, r=16, targets=["q_proj", "v_proj"])
-    setup = Runtime.resolve(config, shapes)       # what the FineTuner will run: dtype, checkpointing, kernels
-    training_memory(shapes, config, setup)        # bytes, part by part, for one micro-batch
-    micro_batch(shapes, config, setup)            # the largest micro-batch that fits the memory budget
+    plan = lib.plan.decide(config, shapes)        # what the FineTuner will run: dtype, checkpointing, kernels
+    training_memory(shapes, config, plan)         # bytes, part by part, for one micro-batch
+    micro_batch(shapes, config, plan)             # the largest micro-batch that fits the memory budget
 
 Trainable parameters: LoRA adds A (r x in) and B (out x r) beside each targeted Linear of shape
 (out, in), so each one adds r * (in + out); this is exactly what PEFT counts.
@@ -48,10 +48,10 @@ Checked against measured peaks in docs/BENCHMARKS.md ("Memory estimate against m
 
 from __future__ import annotations
 
-import importlib.util
+import re
 from dataclasses import dataclass
 
-from lib.models import empty_model, layer_names, linear_layers, select_targets
+from lib.models import empty_model, layer_names, linear_layers, process_device, select_targets
 
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit weight + 8-bit block scale (64) + fp32 scale of 256 scales
 LORA_BYTES = 4                             # adapters train and are saved in fp32
@@ -74,6 +74,7 @@ class ModelShapes:
     gated_mlp: bool = False                   # SwiGLU-style MLP (gate and up projections)
     keeps_examples_apart: bool = True         # attention reads position_ids: packing is padding-free
     flash_capable: bool = True                # runs on transformers' attention functions (varlen/SDPA)
+    varlen_capable: bool = True               # ... and has no sliding window: can run lib.attention's varlen
 
     @property
     def linear_paths(self) -> list[str]:
@@ -98,7 +99,7 @@ class ModelShapes:
 
 def read_shapes(model_path: str) -> ModelShapes:
     """The shapes of the model at `model_path`, read from a meta-device copy (no weights loaded)."""
-    from lib.attention import keeps_packed_examples_apart
+    from lib.attention import keeps_packed_examples_apart, suits
 
     model = empty_model(model_path)
     config = model.config.get_text_config()
@@ -116,57 +117,24 @@ def read_shapes(model_path: str) -> ModelShapes:
         num_heads=heads,
         kv_size=kv_heads * head_dim,
         intermediate_size=inner,
-        gated_mlp=sum(1 for path, out, _ in linear if out == inner and ".0." in f".{path}.") >= 2,
+        gated_mlp=_gated_mlp(linear, inner),
         keeps_examples_apart=keeps_packed_examples_apart(model),
         flash_capable=bool(getattr(model, "_supports_attention_backend", False)),
+        varlen_capable=suits(model),
     )
 
 
-@dataclass(frozen=True)
-class Runtime:
-    """How the FineTuner will train on this machine: what the memory estimate depends on beyond the config."""
-    compute_bytes: int          # 2 (bf16/fp16) or 4 (fp32)
-    checkpointing: bool
-    attention: str              # "flash" (varlen, or SDPA on CUDA), "sdpa" (on a CPU), "eager"
-    liger: bool
-    packed: bool                # padding-free packing: a micro-batch is one row
-    on_gpu: bool
-    longest_example: int | None = None  # tokens of the longest training example, when known: unpacked rows are
-                                        # padded to their batch's longest, not to max_seq_length
-
-    def row_length(self, config) -> int:
-        """Tokens of one row: max_seq_length when packed (or nothing is known), else the longest example."""
-        if self.packed or not self.longest_example:
-            return config.max_seq_length
-        return min(config.max_seq_length, self.longest_example)
-
-    @classmethod
-    def resolve(cls, config, shapes: ModelShapes, on_gpu: bool | None = None) -> "Runtime":
-        import torch
-
-        from lib.models import compute_dtype
-
-        on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
-        checkpointing = on_gpu if config.gradient_checkpointing == "auto" else config.gradient_checkpointing
-        packed = config.packing and shapes.keeps_examples_apart
-        if not shapes.flash_capable or config.attention == "eager":
-            attention = "eager"
-        elif on_gpu:
-            attention = "flash"  # varlen, or SDPA's flash/memory-efficient kernels: no scores kept
-        else:
-            attention = "sdpa"   # SDPA on a CPU
-        # "auto" on a GPU is bf16 (fp16 on older cards): 2 bytes, also when on_gpu is asked for on a CPU
-        compute_bytes = 2 if on_gpu and config.precision == "auto" else compute_dtype(config.precision).itemsize
-        return cls(compute_bytes=compute_bytes, checkpointing=bool(checkpointing),
-                   attention=attention, liger=liger_enabled(config.liger_kernel, on_gpu), packed=packed,
-                   on_gpu=on_gpu)
+def _gated_mlp(linear: tuple[tuple[str, int, int], ...], inner: int) -> bool:
+    """Whether the MLP is gated (SwiGLU: a gate and an up projection, both out to the inner width, in every
+    layer) rather than one up projection: count the projections to the inner width in the first layer."""
+    first_layer = [out for path, out, _ in linear if _layer_index(path) == 0]
+    return sum(1 for out in first_layer if out == inner) >= 2
 
 
-def liger_enabled(liger_kernel: str, on_gpu: bool) -> bool:
-    """Liger's Triton kernels run on CUDA only; "auto" turns them on where they can run."""
-    if liger_kernel != "auto":
-        return liger_kernel == "on"
-    return on_gpu and importlib.util.find_spec("liger_kernel") is not None
+def _layer_index(path: str) -> int | None:
+    """The decoder layer a module path is in ("model.layers.3.mlp.up_proj" -> 3), or None (lm_head, ...)."""
+    match = re.search(r"\.(\d+)\.", f".{path}.")
+    return int(match.group(1)) if match else None
 
 
 def _targeted(shapes: ModelShapes, targets: list[str]) -> list[tuple[str, int, int]]:
@@ -184,38 +152,38 @@ def adapter_bytes(trainable: int) -> int:
     return trainable * LORA_BYTES
 
 
-def training_memory(shapes: ModelShapes, config, setup: Runtime, micro_batch: int | None = None) -> dict[str, float]:
+def training_memory(shapes: ModelShapes, config, plan, micro_batch: int | None = None) -> dict[str, float]:
     """The estimate of the module docstring, part by part, in bytes, for `micro_batch` sequences per pass
     (default: the config's micro_batch_size, or its batch_size when that is "auto")."""
     if micro_batch is None:
         micro_batch = config.batch_size if config.micro_batch_size == "auto" else config.micro_batch_size
-    d, H, L, I, K = (setup.compute_bytes, shapes.hidden_size, shapes.num_layers, shapes.intermediate_size,
+    d, H, L, I, K = (plan.compute_bytes, shapes.hidden_size, shapes.num_layers, shapes.intermediate_size,
                      shapes.kv_size)
     targeted = _targeted(shapes, config.target_module_list())
     lora = sum(config.lora_r * (inp + out) for _, out, inp in targeted)
     quantized, other = shapes.linear_parameters, shapes.total_parameters - shapes.linear_parameters
     base = quantized * NF4_BYTES + other * d if config.load_in_4bit else shapes.total_parameters * d
 
-    tokens = micro_batch * setup.row_length(config)
-    mlp = (3 if setup.liger else 4) * I if shapes.gated_mlp else 2 * I
-    norms = (2 if setup.liger else 4) * H
+    tokens = micro_batch * plan.row_length(config)
+    mlp = (3 if plan.liger else 4) * I if shapes.gated_mlp else 2 * I
+    norms = (2 if plan.liger else 4) * H
     per_layer = (4 * H + 2 * K + norms + mlp) * d
     if config.lora_dropout > 0:
         per_layer += (d + 1) * sum(inp for _, _, inp in targeted) / L
-    if setup.checkpointing:
+    if plan.checkpointing:
         activations = tokens * (L * H * d + per_layer + (I + 2 * H) * d)
     else:
         activations = tokens * L * per_layer
 
     scores = 0.0
-    rows, row = (1, tokens) if setup.packed else (micro_batch, setup.row_length(config))
-    kept_layers = 1 if setup.checkpointing else L
-    if setup.attention == "eager":
+    rows, row = (1, tokens) if plan.packed else (micro_batch, plan.row_length(config))
+    kept_layers = 1 if plan.checkpointing else L
+    if plan.attention_kernel == "eager":
         scores = rows * shapes.num_heads * row * row * (4 + d) * (kept_layers + 2)
-    elif setup.attention == "sdpa":
+    elif plan.attention_kernel == "sdpa":
         scores = rows * shapes.num_heads * row * row * 2 * d * kept_layers
     tile = min(tokens, LOSS_TOKEN_TILE) * min(shapes.vocab_size, LOSS_VOCAB_TILE)
-    loss = tile * (d if setup.on_gpu else d + CPU_TILE_TEMPORARIES * 4) + tokens * H * 4
+    loss = tile * (d if plan.on_gpu else d + CPU_TILE_TEMPORARIES * 4) + tokens * H * 4
     return {
         "base weights": base,
         "LoRA weights": lora * LORA_BYTES,
@@ -227,7 +195,7 @@ def training_memory(shapes: ModelShapes, config, setup: Runtime, micro_batch: in
     }
 
 
-def budget_bytes(config, setup: Runtime) -> float:
+def budget_bytes(config, plan) -> float:
     """The training memory one process may fill: `memory_budget_gib`, or for "auto" a share of its GPU's
     memory, or on a CPU a share of the machine's memory divided among its local processes. Both are read
     from totals, not from what is free now, so every process of a launch computes the same budget and
@@ -236,18 +204,16 @@ def budget_bytes(config, setup: Runtime) -> float:
 
     if config.memory_budget_gib != "auto":
         return config.memory_budget_gib * 2**30
-    if setup.on_gpu:
-        return GPU_BUDGET_SHARE * machine_bytes(setup)
+    if plan.on_gpu:
+        return GPU_BUDGET_SHARE * machine_bytes(plan)
     local_processes = max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
-    return CPU_BUDGET_SHARE * machine_bytes(setup) / local_processes
+    return CPU_BUDGET_SHARE * machine_bytes(plan) / local_processes
 
 
-def machine_bytes(setup: Runtime) -> float:
+def machine_bytes(plan) -> float:
     """The whole memory of the device a process trains on: its GPU's, or this machine's RAM."""
-    if setup.on_gpu:
+    if plan.on_gpu:
         import torch
-
-        from lib.models import process_device
 
         return torch.cuda.get_device_properties(process_device()).total_memory
     import psutil
@@ -255,13 +221,13 @@ def machine_bytes(setup: Runtime) -> float:
     return psutil.virtual_memory().total
 
 
-def micro_batch(shapes: ModelShapes, config, setup: Runtime) -> tuple[int, float, float]:
+def micro_batch(shapes: ModelShapes, config, plan) -> tuple[int, float, float]:
     """(micro-batch, its estimated bytes, the budget): the config's micro_batch_size, or for "auto" the
     largest divisor of batch_size whose estimate fits the budget (1 when none does)."""
-    budget = budget_bytes(config, setup)
+    budget = budget_bytes(config, plan)
     if config.micro_batch_size != "auto":
         size = config.micro_batch_size
     else:
         divisors = [m for m in range(config.batch_size, 0, -1) if config.batch_size % m == 0]
-        size = next((m for m in divisors if sum(training_memory(shapes, config, setup, m).values()) <= budget), 1)
-    return size, sum(training_memory(shapes, config, setup, size).values()), budget
+        size = next((m for m in divisors if sum(training_memory(shapes, config, plan, m).values()) <= budget), 1)
+    return size, sum(training_memory(shapes, config, plan, size).values()), budget

@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 from lib import attention as varlen_attention
 from lib.attention import VARLEN
 from lib.config import ConfigError
+from lib.plan import torch_dtype
 
 EMBEDDED = "embedded"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -150,34 +151,15 @@ def _in_hub_cache(repo_id: str) -> bool:
                                                  f"({error})") from None
 
 
-def compute_dtype(precision: str = "auto"):
-    """The dtype of `precision`; "auto": bf16 where the hardware runs it natively, else fp16 on older GPUs,
-    fp32 on CPUs without bf16."""
-    import torch
-
-    if precision != "auto":
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if _cpu_has_bf16() else torch.float32
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
-
-
 def quantization_config(load_in_4bit: bool, precision: str = "auto"):
-    """The QLoRA recipe: NF4 weights, double quantization of the scales, compute in `compute_dtype(precision)`."""
+    """The QLoRA recipe: NF4 weights, double quantization of the scales, compute in `precision`
+    (a name; "auto" as lib.plan resolves it on this machine)."""
     if not load_in_4bit:
         return None
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype(precision))
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch_dtype(precision))
 
 
 def load_tokenizer(model_path: str):
@@ -190,33 +172,21 @@ def load_tokenizer(model_path: str):
     return tokenizer
 
 
-def load_base_model(model_path: str, load_in_4bit: bool, device_map=None, attention: str = "auto",
+def load_base_model(model_path: str, load_in_4bit: bool, device_map=None, attention: str | None = None,
                     precision: str = "auto"):
-    """The base model, 4-bit quantized when asked, on `device_map` (default: this process's device), with the
-    attention kernel `attention_implementation` picks."""
+    """The base model, 4-bit quantized when asked, on `device_map` (default: this process's device), computing
+    in `precision` with the attention implementation `attention` (as lib.plan decided them for training;
+    None: the model's own default, for inference)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=compute_dtype(precision), quantization_config=quantization_config(load_in_4bit, precision),
+        model_path, dtype=torch_dtype(precision), quantization_config=quantization_config(load_in_4bit, precision),
         device_map=device_map or {"": process_device()},
-        attn_implementation=None if attention in ("auto", VARLEN) else attention,  # None: sdpa, else eager
+        attn_implementation=None if attention == VARLEN else attention,
     )
-    chosen = attention_implementation(attention, model)
-    if chosen != model.config._attn_implementation:
-        model.set_attn_implementation(chosen)
+    if attention == VARLEN:  # registered with transformers first, then switched to
+        model.set_attn_implementation(varlen_attention.register())
     return model
-
-
-def attention_implementation(requested: str, model) -> str:
-    """The attention kernel for `model`: `requested`, or for "auto" varlen flash attention on CUDA where the
-    model's attention allows it (packed batches cost only their examples' lengths), else what it was
-    loaded with (sdpa, or eager for models without sdpa such as bloom)."""
-    fits = varlen_attention.suits(model)
-    if requested == VARLEN and not fits:
-        raise ConfigError("attention", requested, "auto, sdpa or eager: this model's attention cannot use varlen")
-    if requested == VARLEN or (requested == "auto" and fits and varlen_attention.flash_varlen_available()):
-        return varlen_attention.register()
-    return model.config._attn_implementation
 
 
 def process_device():
@@ -267,22 +237,3 @@ def select_targets(requested: list[str], paths: list[str]) -> list[str]:
                           f"linear layer names of this model: {', '.join(available)} "
                           f"(or 'all-linear', 'attention'); unknown: {', '.join(unknown)}")
     return list(requested)
-
-
-def _linear_paths(model_path: str) -> list[str]:
-    return [path for path, _ in linear_layers(empty_model(model_path))]
-
-
-def linear_layer_names(model_path: str) -> list[str]:
-    """Distinct names of the linear layers LoRA can target, read without loading weights."""
-    return layer_names(_linear_paths(model_path))
-
-
-def attention_layer_names(model_path: str) -> list[str]:
-    """The linear layers inside attention blocks, read without loading weights."""
-    return layer_names(_linear_paths(model_path), attention_only=True)
-
-
-def resolve_target_modules(requested: list[str], model_path: str) -> list[str]:
-    """Layer names for PEFT from a preset or names, checked against the model at `model_path`."""
-    return select_targets(requested, _linear_paths(model_path))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lib.tasks import TASKS, get_task
+
 
 def _figure(width: float = 6.4, height: float = 3.6):
     """A figure that needs no GUI backend (pyplot is never imported); notebooks display it when returned."""
@@ -45,7 +47,8 @@ def metrics_chart(report: dict, path: str | Path | None = None):
 
     scores = report_scores(report)
     metrics = list(report["base"])
-    scale = [100.0 if metric == "chrf" else 1.0 for metric in metrics]
+    chart_scale = get_task(report["task"]).chart_scale if report.get("task") in TASKS else {}
+    scale = [chart_scale.get(metric, 1.0) for metric in metrics]
     labels = [f"{m}/100" if s != 1.0 else m for m, s in zip(metrics, scale)]
     names = {"base": "base model", "adapter": "with adapter"}
     figure, axes = _figure()

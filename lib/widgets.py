@@ -20,6 +20,7 @@ import json
 from lib import memory
 from lib.config import RunConfig, TARGET_PRESETS
 from lib.models import resolve_base_model
+from lib.plan import decide
 
 SEQ_LENGTHS = (64, 128, 256, 512, 1024, 2048, 4096)  # choices of the sequence-length control
 
@@ -144,9 +145,9 @@ class LoraPanel:
         parts at that micro-batch, for `config`."""
         config = self.config
         trainable = memory.trainable_parameters(self.shapes, config.lora_r, config.target_module_list())
-        setup = memory.Runtime.resolve(config, self.shapes)
-        micro_batch, _, budget = memory.micro_batch(self.shapes, config, setup)
-        parts = memory.training_memory(self.shapes, config, setup, micro_batch)
+        plan = decide(config, self.shapes)
+        micro_batch, budget = plan.micro_batch_size, plan.budget_gib * 2**30
+        parts = memory.training_memory(self.shapes, config, plan, micro_batch)
         return {"trainable": trainable, "share": trainable / (self.shapes.total_parameters + trainable),
                 "adapter_bytes": memory.adapter_bytes(trainable), "memory": parts,
                 "memory_total": sum(parts.values()), "micro_batch": micro_batch, "budget": budget}

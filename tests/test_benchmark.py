@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lib import benchmark
+from tools import benchmark_core as benchmark
 from lib.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def rows(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bench")
     out = folder / "rows.json"
-    command = [sys.executable, str(ROOT / "jobs" / "benchmark.py"), "--arch", "tiny-llama",
+    command = [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--arch", "tiny-llama",
                "--configs", "default,unsloth-b8", "--steps", "2", "--warmup", "1", "--seq-len", "64",
                "--model-dir", str(folder / "model"), "--out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from lib.config import TASK_RECIPES, ConfigError, RunConfig
+from lib.config import ConfigError, RunConfig
+from lib.tasks import TASKS
 
 BAD_VALUES = [
     ("task", "poetry"), ("task", ""), ("base_model", ""), ("base_model", "a\nb"), ("data", "rows.xlsx"),
@@ -57,7 +58,7 @@ def test_from_namespace_takes_only_settings():
 
 
 def test_task_recipes_are_valid_and_overridable():
-    for task in TASK_RECIPES:
+    for task in TASKS:
         for device in ("cpu", "gpu"):
             assert RunConfig.for_task(task, device).validate().task == task
     assert RunConfig.for_task("sql", lora_r=4).lora_r == 4

@@ -17,12 +17,10 @@ import nbformat
 import pytest
 
 from jobs.run_notebook import UsageError, collect_parameters, kernel_name, read_value
-from lib.tasks import get_task
+from lib.tasks import TASKS, get_task
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TASK_JOBS = {"instruction": ("jobs/finetune_instruction.py", "01_instruction_following.ipynb"),
-             "sql": ("jobs/finetune_sql.py", "02_english_to_sql.ipynb"),
-             "detox": ("jobs/finetune_detox.py", "03_detoxify_text.ipynb")}
+TASK_JOBS = {name: (f"jobs/finetune_{name}.py", task.notebook) for name, task in TASKS.items()}
 # Tiny runs of the real path (embedded model in 4-bit), given two of the three ways a job takes
 # parameters: a JSON environment variable and one variable per parameter (--set is used below).
 TINY_JSON = json.dumps({"train_rows": 8, "eval_rows": 2, "max_seq_length": 128})

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from lib import benchmark, memory
+from lib import memory
+from tools import benchmark_core as benchmark
 from lib.config import ConfigError, RunConfig
+from lib.plan import decide
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_1B_PARAMETERS = 1_235_814_400  # Llama-3.2-1B, tied embeddings counted once
@@ -29,7 +31,7 @@ def llama(shapes_dirs):
 
 
 def gpu_setup(config, shapes, **changes):
-    return dataclasses.replace(memory.Runtime.resolve(config, shapes, on_gpu=True), **changes)
+    return dataclasses.replace(decide(config, shapes, on_gpu=True), **changes)
 
 
 def total(parts: dict) -> float:
@@ -88,12 +90,17 @@ def test_fine_tuner_splits_the_batch_to_fit_the_budget(tiny_config):
 
     config = tiny_config(batch_size=4, max_seq_length=256)
     shapes = memory.read_shapes(resolve_base_model("embedded"))
-    setup = memory.Runtime.resolve(config, shapes)
+    setup = decide(config, shapes)
     two, four = (total(memory.training_memory(shapes, config, setup, m)) for m in (2, 4))
     tuner = FineTuner(config.replace(memory_budget_gib=(two + four) / 2 / 2**30, run_name="split")).setup()
     args = tuner.trainer.args
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (2, 2)
-    assert tuner.memory_plan["estimated_gib"] == pytest.approx(two / 2**30, abs=1e-3)
+    assert tuner.plan.estimated_gib == pytest.approx(two / 2**30, abs=1e-3)
+    # the trainer runs what the plan decided, nothing decided again
+    plan = tuner.plan
+    assert (args.optim, args.gradient_checkpointing, args.use_liger_kernel, args.packing) == (
+        plan.optimizer, plan.checkpointing, plan.liger, plan.packed)
+    assert args.bf16 == (plan.precision == "bf16") and tuner.trainer.model.config._attn_implementation == plan.attention
 
 
 def test_estimate_is_within_30_percent_of_every_measured_gpu_peak(shapes_dirs):
@@ -123,18 +130,40 @@ def test_fine_tuner_estimates_unpacked_rows_at_the_longest_example(tiny_config):
     longest = tuner._longest_example()
     assert 20 < longest < 256  # the tiny SQL rows: a schema, a question and a query
     shapes = memory.read_shapes(tuner.model_path)
-    setup = dataclasses.replace(memory.Runtime.resolve(tuner.config, shapes), longest_example=longest)
-    expected = total(memory.training_memory(shapes, tuner.config, setup, tuner.micro_batch_size))
-    assert tuner.memory_plan["estimated_gib"] == pytest.approx(expected / 2**30, abs=1e-3)
+    setup = dataclasses.replace(decide(tuner.config, shapes), longest_example=longest)
+    expected = total(memory.training_memory(shapes, tuner.config, setup, tuner.plan.micro_batch_size))
+    assert tuner.plan.estimated_gib == pytest.approx(expected / 2**30, abs=1e-3)
     full = total(memory.training_memory(shapes, tuner.config, dataclasses.replace(setup, longest_example=None), 2))
     assert expected < full
 
 
 def test_cpu_budget_is_shared_by_the_local_processes(llama, shapes_dirs, monkeypatch):
     config = RunConfig(base_model=shapes_dirs["llama-1b"])
-    setup = memory.Runtime.resolve(config, llama, on_gpu=False)
+    setup = decide(config, llama, on_gpu=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     alone = memory.budget_bytes(config, setup)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert memory.budget_bytes(config, setup) == pytest.approx(alone / 2)
     assert memory.budget_bytes(config.replace(memory_budget_gib=3), setup) == 3 * 2**30
+
+
+def test_the_plan_decides_every_auto_from_config_shapes_and_device(llama, shapes_dirs):
+    """lib.plan is the one place an "auto" is decided: on a GPU fused AdamW, checkpointing, 2-byte compute;
+    on a CPU plain AdamW, no checkpointing, no Liger; bloom (own attention) eager and unpacked; explicit
+    settings kept; varlen refused where the model cannot run it."""
+    config = RunConfig(base_model=shapes_dirs["llama-1b"], max_seq_length=1024, batch_size=8)
+    gpu, cpu = decide(config, llama, on_gpu=True), decide(config, llama, on_gpu=False)
+    assert (gpu.optimizer, gpu.checkpointing, gpu.precision, gpu.packed) == ("adamw_torch_fused", True, "bf16", True)
+    assert (cpu.optimizer, cpu.checkpointing, cpu.liger, cpu.attention) == ("adamw_torch", False, False, "sdpa")
+    assert cpu.precision in ("bf16", "fp32") and gpu.attention_kernel == "flash" and cpu.attention_kernel == "sdpa"
+    fitted = decide(config.replace(memory_budget_gib=40), llama, on_gpu=True)
+    assert fitted.micro_batch_size * fitted.grad_accum == 8 and fitted.estimated_gib > 0
+    bloom = memory.read_shapes(shapes_dirs["bloom-1b1"])
+    bloom_plan = decide(config.replace(base_model=shapes_dirs["bloom-1b1"]), bloom, on_gpu=True)
+    assert (bloom_plan.attention, bloom_plan.packed) == ("eager", False)
+    explicit = decide(config.replace(optimizer="paged_adamw_8bit", gradient_checkpointing=False, precision="fp32",
+                                     attention="eager"), llama, on_gpu=True)
+    assert (explicit.optimizer, explicit.checkpointing, explicit.precision, explicit.attention) == (
+        "paged_adamw_8bit", False, "fp32", "eager")
+    with pytest.raises(ConfigError, match="attention"):
+        decide(config.replace(base_model=shapes_dirs["bloom-1b1"], attention="varlen"), bloom, on_gpu=True)

@@ -53,11 +53,14 @@ def test_hub_unreachable_without_offline_flag(monkeypatch):
 
 
 def test_target_presets_and_unknown_names(embedded_dir):
-    all_linear = models.resolve_target_modules(["all-linear"], embedded_dir)
+    from lib.memory import read_shapes
+
+    shapes = read_shapes(embedded_dir)
+    all_linear = shapes.resolve(["all-linear"])
     assert set(all_linear) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    assert models.resolve_target_modules(["attention"], embedded_dir) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert shapes.resolve(["attention"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
     with pytest.raises(ConfigError) as error:
-        models.resolve_target_modules(["q_proj", "query_key_value"], embedded_dir)
+        shapes.resolve(["q_proj", "query_key_value"])
     assert "query_key_value" in str(error.value) and "gate_proj" in str(error.value)
 
 

@@ -16,7 +16,8 @@ import pytest
 
 from lib.config import RunConfig
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
 ALL = sorted(path.name for path in NOTEBOOKS.glob("*.ipynb"))
 REQUIRED = ["00_environment_check.ipynb", "01_instruction_following.ipynb", "02_english_to_sql.ipynb",
             "03_detoxify_text.ipynb", "04_distributed_training.ipynb", "05_adapter_explorer.ipynb"]
@@ -101,3 +102,31 @@ def test_task_notebooks_train_their_task_and_list_the_main_settings(name, task):
     assert defaults["task"] == task
     assert {"base_model", "data", "train_rows", "eval_rows", "lora_r", "lora_alpha", "lora_dropout", "target_modules",
             "learning_rate", "max_steps", "batch_size", "max_seq_length", "output_dir", "run_name"} <= set(defaults)
+
+
+def test_task_notebooks_and_jobs_equal_what_their_template_renders():
+    """Notebooks 01-03 and jobs/finetune_<task>.py come from notebooks/templates (tools/render_notebooks.py);
+    an edit to one of them alone fails here."""
+    from tools.render_notebooks import rendered
+
+    for path, text in rendered().items():
+        assert path.read_text(encoding="utf-8") == text, f"{path} differs from its template: run tools/render_notebooks.py"
+
+
+def test_every_registered_task_has_its_notebook_job_and_cml_job():
+    """The registry (lib/tasks) is the list of tasks: each has its rendered notebook, its job script and the
+    AMP's job entry; the parameters cell's defaults are the task's CPU recipe."""
+    import yaml
+
+    from lib.config import RunConfig
+    from lib.tasks import TASKS
+
+    metadata = yaml.safe_load((REPO / ".project-metadata.yaml").read_text(encoding="utf-8"))
+    scripts = {entry.get("script") for entry in metadata["tasks"]}
+    for name, task in TASKS.items():
+        notebook = nbformat.read(REPO / "notebooks" / task.notebook, as_version=4)
+        parameters = next(cell for cell in notebook.cells if "parameters" in cell.metadata.get("tags", []))
+        recipe = RunConfig.for_task(name, "cpu")
+        assert f'task: str = "{name}"' in parameters.source
+        assert f"train_rows: int = {recipe.train_rows} " in parameters.source
+        assert f"jobs/finetune_{name}.py" in scripts and (REPO / "jobs" / f"finetune_{name}.py").is_file()

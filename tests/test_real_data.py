@@ -225,7 +225,7 @@ def test_reports_carry_the_baselines(tiny_config):
 
 
 def test_tables_show_prompt_tags_as_text(tokenizer):
-    from lib.notebook_helpers import training_text_table
+    from lib.display import training_text_table
 
     row = SQL.generate(1, seed=0)[0]
     for name in ("tags", "chat"):

@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from lib import runs
-from lib.config import ConfigError, RunConfig
+from lib.config import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 THREADS = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}

@@ -18,6 +18,8 @@ class Task(ABC):
     `make_row` and `compute_metrics`."""
 
     name: str  # registry key, the value of the `task` setting
+    notebook: str  # its notebook in notebooks/ (and job jobs/finetune_<name>.py), both rendered from one template
+    title: str  # how prose names the adapter ("the English-to-SQL adapter")
     hub_dataset: str  # the online source of real rows
     fields: tuple[str, ...]  # the row's columns, named as in hub_dataset
     answer_field: str  # the column the model learns to write
@@ -27,6 +29,10 @@ class Task(ABC):
     max_new_tokens: int  # generation budget: the longest generated answer, with headroom
     metrics: tuple[str, ...]  # the keys `score` returns
     headline_metric: str  # the metric a chart shows first
+    # Measured default recipes (docs/QUALITY.md), per device: only what differs from RunConfig's defaults.
+    # "cpu" is sized for a workshop's 2 cores; "gpu" (chosen when CUDA is present) fills a GPU.
+    recipes: dict[str, dict]
+    chart_scale: dict[str, float] = {}  # metric -> divisor that puts it on the 0-1 axis of the charts
 
     def prompt(self, row: dict) -> str:
         """The inference prompt: the training text up to and including the answer tag."""

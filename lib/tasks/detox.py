@@ -292,6 +292,8 @@ def chrf(hypotheses: list[str], references: list[str], max_order: int = 6, beta:
 
 class DetoxTask(Task):
     name = "detox"
+    notebook = "03_detoxify_text.ipynb"  # rendered from notebooks/templates by tools/render_notebooks.py, run by jobs/finetune_detox.py
+    title = "detoxification"
     hub_dataset = "s-nlp/paradetox"
     fields = ("en_toxic_comment", "en_neutral_comment")
     answer_field = "en_neutral_comment"
@@ -302,6 +304,12 @@ class DetoxTask(Task):
     # chrF rises only when the output keeps the meaning and drops the rude
     # parts; rude_word_rate alone would reward an empty answer.
     headline_metric = "chrf"
+    recipes = {
+        "cpu": dict(train_rows=500, max_seq_length=256, batch_size=2, learning_rate=1e-3),
+        "gpu": dict(train_rows=10000, max_seq_length=256, batch_size=16, learning_rate=1e-3, num_epochs=1.0,
+                    eval_rows=300),
+    }
+    chart_scale = {"chrf": 100.0}  # chrF is a 0-100 score
 
     def make_row(self, rng: random.Random) -> dict:
         if rng.random() < JUDGEMENT_SHARE:

@@ -274,6 +274,8 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 class InstructionTask(Task):
     name = "instruction"
+    notebook = "01_instruction_following.ipynb"  # rendered from notebooks/templates by tools/render_notebooks.py, run by jobs/finetune_instruction.py
+    title = "instruction-following"
     hub_dataset = "teknium/GPTeacher-General-Instruct"
     fields = ("instruction", "input", "response")
     optional_fields = ("input",)  # most instructions need no input
@@ -283,6 +285,11 @@ class InstructionTask(Task):
     max_new_tokens = 256  # real answers run to paragraphs and code
     metrics = ("exact_match", "rouge_l")
     headline_metric = "rouge_l"  # real answers are long: overlap, not identity
+    recipes = {
+        "cpu": dict(train_rows=1200, max_seq_length=256, batch_size=2, learning_rate=1e-3),
+        "gpu": dict(train_rows=6000, max_seq_length=1024, batch_size=16, learning_rate=5e-4, num_epochs=1.0,
+                    eval_rows=100),
+    }
 
     def make_row(self, rng: random.Random) -> dict:
         instruction, input_text, response = rng.choice(KINDS)(rng)

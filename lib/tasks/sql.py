@@ -557,6 +557,8 @@ def same_result(predicted: list | None, expected: list | None, ordered: bool) ->
 
 class SqlTask(Task):
     name = "sql"
+    notebook = "02_english_to_sql.ipynb"  # rendered from notebooks/templates by tools/render_notebooks.py, run by jobs/finetune_sql.py
+    title = "English-to-SQL"
     hub_dataset = "philschmid/sql-create-context-copy"
     fields = ("context", "question", "answer")
     answer_field = "answer"
@@ -565,6 +567,11 @@ class SqlTask(Task):
     max_new_tokens = 96
     metrics = ("exact_match", "executable", "execution_match")
     headline_metric = "exact_match"
+    recipes = {
+        "cpu": dict(train_rows=500, max_seq_length=256, batch_size=2, learning_rate=1e-3, packing=False),
+        "gpu": dict(train_rows=20000, max_seq_length=512, batch_size=16, learning_rate=1e-3, num_epochs=4.0,
+                    eval_rows=300, prompt_format="chat"),
+    }
 
     def make_row(self, rng: random.Random) -> dict:
         if rng.random() < WIKI_SHARE:

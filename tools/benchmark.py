@@ -1,20 +1,20 @@
 """Benchmark: training speed of the project's path (FineTuner -> SFTTrainer) per configuration, and Unsloth's.
 
-One architecture per call, every configuration in its own process, one card (lib/benchmark.py says what is
+One architecture per call, every configuration in its own process, one card (tools/benchmark_core.py says what is
 measured and how; CONFIGS there names the configurations):
-    python jobs/benchmark.py --arch llama-1b --configs seed,default,b16-varlen-ckpt --out docs/benchmarks.json
-    python jobs/benchmark.py --arch llama-1b --configs unsloth-b16 --unsloth-path /tmp/site-unsloth --out rows.json
+    python tools/benchmark.py --arch llama-1b --configs seed,default,b16-varlen-ckpt --out docs/benchmarks.json
+    python tools/benchmark.py --arch llama-1b --configs unsloth-b16 --unsloth-path /tmp/site-unsloth --out rows.json
 The table and the chart from the collected rows:
-    python jobs/benchmark.py --report docs/benchmarks.json --chart docs/benchmark_tokens_per_s.png
+    python tools/benchmark.py --report docs/benchmarks.json --chart docs/benchmark_tokens_per_s.png
 Memory estimate against measurement on the embedded model, one short run per JSON of overrides, each in its
 own process (CPU or GPU, whichever this machine has):
-    python jobs/benchmark.py --memory-check '{}' --memory-check '{"batch_size": 4}' --out docs/memory_check.json
+    python tools/benchmark.py --memory-check '{}' --memory-check '{"batch_size": 4}' --out docs/memory_check.json
 Loss of the seed's settings against the defaults on the embedded model (CPU is fine), plotted:
-    python jobs/benchmark.py --loss-curves docs/loss_seed_vs_default.png
+    python tools/benchmark.py --loss-curves docs/loss_seed_vs_default.png
 CPU smoke run (what tests/test_benchmark.py does):
-    python jobs/benchmark.py --arch tiny-llama --configs default --steps 2 --warmup 1 --seq-len 64 --out /tmp/rows.json
+    python tools/benchmark.py --arch tiny-llama --configs default --steps 2 --warmup 1 --seq-len 64 --out /tmp/rows.json
 Data parallel, one process per GPU (accelerate_configs/multi_gpu.yaml rendered with num_processes=N):
-    accelerate launch --config_file multi_gpu-2.yaml jobs/benchmark.py --arch llama-1b --configs default --out rows.json
+    accelerate launch --config_file multi_gpu-2.yaml tools/benchmark.py --arch llama-1b --configs default --out rows.json
 Every rank runs each configuration in its own child process (which joins the process group); rank 0 builds the
 model while the others wait for it, and only rank 0 prints and writes rows (`gpus` = world size, tokens/s of all).
 
@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lib import benchmark  # noqa: E402
+from tools import benchmark_core as benchmark  # noqa: E402
 
 
 def parse_args(argv: list[str] | None):

@@ -12,7 +12,7 @@ optimizer steps and gives one row:
                    (each one's in peak_mem_gib_per_rank)
     mfu            model FLOPs per second / the card's dense bf16 peak (PEAK_FLOPS, datasheet)
 
-Data parallel (`accelerate launch` of jobs/benchmark.py, one process per GPU): every rank trains the same
+Data parallel (`accelerate launch` of tools/benchmark.py, one process per GPU): every rank trains the same
 number of steps on its own share of the blocks, so a step's tokens are seq_len x batch x accum x world size
 and tokens_per_s is the whole group's; `gpus` is the world size, and only rank 0 writes rows.
 
@@ -233,7 +233,7 @@ def run_project(arch: str, config: str, model_dir: str, seq_len: int, steps: int
                "attention": model.config._attn_implementation, "packing": args.packing,
                "liger": args.use_liger_kernel, "optimizer": getattr(args.optim, "value", args.optim),
                "lora_dropout": run_config.lora_dropout, "loss_last": result.record["loss_history"][-1]["loss"],
-               "estimated_gib": tuner.memory_plan["estimated_gib"],
+               "estimated_gib": tuner.plan.estimated_gib,
                "overrides": CONFIGS[config]}
     tokens_per_step = seq_len * args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size()
     return measure(arch, config, "project", timer, warmup, tokens_per_step, seq_len, model_dir,
@@ -250,12 +250,12 @@ def run_unsloth(arch: str, config: str, model_dir: str, seq_len: int, steps: int
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from lib.models import attention_layer_names
+    from lib.memory import read_shapes
 
     batch_size = UNSLOTH_CONFIGS[config]
     model, tokenizer = FastLanguageModel.from_pretrained(model_dir, max_seq_length=seq_len, dtype=torch.bfloat16,
                                                          load_in_4bit=True, local_files_only=True)
-    targets = attention_layer_names(model_dir)
+    targets = read_shapes(model_dir).attention_names
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets,
                                              bias="none", use_gradient_checkpointing="unsloth", random_state=42)
     blocks = token_blocks(vocab_size(model_dir), seq_len, batch_size * (warmup + steps))
@@ -335,7 +335,7 @@ def memory_check(overrides: dict, output_dir: str, steps: int = 3) -> dict:
         measured = torch.cuda.max_memory_allocated()
     else:
         measured = tensors + max(peak[0] - after_setup, 0)
-    plan = tuner.memory_plan
+    plan = tuner.plan.to_dict()
     return {"overrides": overrides, "micro_batch_size": plan["micro_batch_size"], "grad_accum": plan["grad_accum"],
             "estimated_gib": plan["estimated_gib"], "measured_gib": round(measured / 2**30, 3),
             "ratio": round(plan["estimated_gib"] / (measured / 2**30), 3), "model_tensors_gib": round(tensors / 2**30, 3),
@@ -360,13 +360,14 @@ def estimate_gib(row: dict, shapes_dir: str) -> float | None:
     import dataclasses
 
     from lib import memory
+    from lib.plan import decide
 
     if row.get("engine") != "project" or row.get("config") not in CONFIGS or not row.get("batch_size"):
         return None
     run_config = settings(row["arch"], row["config"], shapes_dir, row["seq_len"], 1, "/tmp")
     shapes = memory.read_shapes(shapes_dir)
-    setup = dataclasses.replace(memory.Runtime.resolve(run_config, shapes, on_gpu=True), liger=bool(row["liger"]))
-    return round(sum(memory.training_memory(shapes, run_config, setup, row["batch_size"]).values()) / 2**30, 3)
+    plan = dataclasses.replace(decide(run_config, shapes, on_gpu=True), liger=bool(row["liger"]))
+    return round(sum(memory.training_memory(shapes, run_config, plan, row["batch_size"]).values()) / 2**30, 3)
 
 
 def shapes_dir(arch: str, folder: str | Path) -> Path:

@@ -1,7 +1,7 @@
 """Recipe study: train and evaluate variants of a task's recipe through the project's own path.
 
-    python jobs/recipe_study.py --task sql --variant baseline --variant lr1e-3:learning_rate=1e-3
-    python jobs/recipe_study.py --task sql --recipe gpu --set data=train.jsonl --set eval_data=dev.jsonl \
+    python tools/recipe_study.py --task sql --variant baseline --variant lr1e-3:learning_rate=1e-3
+    python tools/recipe_study.py --task sql --recipe gpu --set data=train.jsonl --set eval_data=dev.jsonl \
         --train-label "sql-create-context (WikiSQL rows)" --eval-label "WikiSQL dev" \
         --variant tags --variant chat:prompt_format=chat --out docs/quality_runs.jsonl
 

@@ -1,0 +1,163 @@
+"""The runtime plan: every "auto" setting decided once, from the config, the model's shapes and the device.
+
+    plan = decide(config, shapes)       # precision, attention, optimizer, checkpointing, Liger, packing,
+                                        # micro-batch and accumulation, processes
+    plan.to_dict()                      # what the run record keeps under "plan"
+
+Model loading (lib.models.load_base_model) and the trainer's arguments (lib.fine_tuner) read the plan;
+the memory estimate (lib.memory) reads it too. Nothing else decides an "auto".
+
+| setting                    | "auto" means                                                                  |
+|----------------------------|-------------------------------------------------------------------------------|
+| precision                  | bf16 where the hardware computes it natively; fp16 on older GPUs; else fp32   |
+| attention                  | varlen flash attention on CUDA where the model's attention allows it; SDPA;   |
+|                            | eager for models without transformers' attention functions (bloom)            |
+| optimizer                  | fused AdamW on a GPU, plain AdamW on a CPU                                    |
+| gradient_checkpointing     | on a GPU (trades ~30% speed for activations), off on a CPU                    |
+| liger_kernel               | on where its Triton kernels run (CUDA, liger-kernel installed)               |
+| packing (asked)            | kept only for models that read position_ids (packed examples stay apart)      |
+| micro_batch_size           | the largest divisor of batch_size whose estimate fits memory_budget_gib       |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from lib.attention import VARLEN, flash_varlen_available
+from lib.config import ConfigError
+
+COMPUTE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class Plan:
+    on_gpu: bool
+    precision: str              # "bf16" | "fp16" | "fp32": what the model computes in
+    attention: str              # the attn_implementation the model runs: "varlen" | "sdpa" | "eager"
+    optimizer: str              # the trainer's `optim`
+    checkpointing: bool         # gradient checkpointing
+    liger: bool                 # Liger's fused kernels
+    packed: bool                # padding-free packing: a micro-batch is one row
+    processes: int = 1          # processes training together (WORLD_SIZE)
+    longest_example: int | None = None  # tokens of the longest training example, when known: unpacked rows
+                                        # are padded to their batch's longest, not to max_seq_length
+    micro_batch_size: int | None = None  # sequences per forward pass, and passes per optimizer step
+    grad_accum: int | None = None
+    estimated_gib: float | None = None   # the memory estimate of one micro-batch, and the budget it had to fit
+    budget_gib: float | None = None
+
+    @property
+    def compute_bytes(self) -> int:
+        return COMPUTE_BYTES[self.precision]
+
+    @property
+    def attention_kernel(self) -> str:
+        """What the memory estimate needs to know of the attention: "eager" keeps every head's scores;
+        on CUDA SDPA and varlen run flash or memory-efficient kernels ("flash", none kept); "sdpa" on a CPU
+        (its math path) keeps the scores in the compute dtype."""
+        if self.attention == "eager":
+            return "eager"
+        return "flash" if self.on_gpu else "sdpa"
+
+    @property
+    def dtype(self):
+        return torch_dtype(self.precision)
+
+    def row_length(self, config) -> int:
+        """Tokens of one row: max_seq_length when packed (or nothing is known), else the longest example."""
+        if self.packed or not self.longest_example:
+            return config.max_seq_length
+        return min(config.max_seq_length, self.longest_example)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def decide(config, shapes, on_gpu: bool | None = None, longest_example: int | None = None) -> Plan:
+    """The plan for `config` on the model of `shapes` (lib.memory.read_shapes), on this machine's device
+    (`on_gpu` overrides it for estimates of a GPU run made elsewhere), with the micro-batch fitted."""
+    import torch
+
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    plan = Plan(
+        on_gpu=on_gpu,
+        precision=resolve_precision(config.precision, on_gpu),
+        attention=decide_attention(config.attention, shapes, on_gpu),
+        optimizer=config.optimizer if config.optimizer != "auto" else
+        ("adamw_torch_fused" if on_gpu else "adamw_torch"),
+        checkpointing=bool(on_gpu if config.gradient_checkpointing == "auto" else config.gradient_checkpointing),
+        liger=liger_enabled(config.liger_kernel, on_gpu),
+        packed=bool(config.packing and shapes.keeps_examples_apart),
+        processes=max(int(os.environ.get("WORLD_SIZE", 1)), 1),
+        longest_example=longest_example or None,
+    )
+    return fit_micro_batch(plan, config, shapes)
+
+
+def fit_micro_batch(plan: Plan, config, shapes) -> Plan:
+    """The plan with its micro-batch: the largest that fits the memory budget (lib.memory). An estimate of a
+    GPU run made without a GPU has no GPU memory to fit unless memory_budget_gib is given: left unfitted."""
+    import torch
+
+    from lib import memory
+
+    if plan.on_gpu and not torch.cuda.is_available() and config.memory_budget_gib == "auto":
+        return plan
+    size, estimate, budget = memory.micro_batch(shapes, config, plan)
+    return dataclasses.replace(plan, micro_batch_size=size, grad_accum=config.batch_size // size,
+                               estimated_gib=round(estimate / 2**30, 3), budget_gib=round(budget / 2**30, 3))
+
+
+def resolve_precision(precision: str, on_gpu: bool | None = None) -> str:
+    """`precision`, or for "auto" bf16 where the hardware computes it natively, fp16 on older GPUs, fp32 on
+    CPUs without bf16 instructions."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    if on_gpu:
+        # an estimate for a GPU made on a machine without one assumes a current card (bf16)
+        return "bf16" if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if _cpu_has_bf16() else "fp32"
+
+
+def torch_dtype(precision: str = "auto"):
+    """The torch dtype of a precision name ("auto" resolved for this machine)."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[resolve_precision(precision)]
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def decide_attention(requested: str, shapes, on_gpu: bool) -> str:
+    """The attention implementation: `requested`, or for "auto" varlen on CUDA where the model allows it
+    (packed batches then cost only their examples' lengths), else SDPA, or eager for models whose attention
+    is their own (bloom's ALiBi), which transformers' attention functions cannot replace."""
+    if requested == VARLEN and not shapes.varlen_capable:
+        raise ConfigError("attention", requested, "auto, sdpa or eager: this model's attention cannot use varlen")
+    if requested != "auto":
+        return requested
+    if not shapes.flash_capable:
+        return "eager"
+    if shapes.varlen_capable and on_gpu and flash_varlen_available():
+        return VARLEN
+    return "sdpa"
+
+
+def liger_enabled(liger_kernel: str, on_gpu: bool) -> bool:
+    """Liger's Triton kernels run on CUDA only; "auto" turns them on where they can run."""
+    if liger_kernel != "auto":
+        return liger_kernel == "on"
+    return on_gpu and importlib.util.find_spec("liger_kernel") is not None
