@@ -237,6 +237,7 @@ def run_job(notebook: str, argv: list[str] | None = None, label: str = "") -> in
     executed = run_dir / notebook_path.name
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     print(f"running {notebook_path.name} on kernel {kernel!r} into {run_dir}\nparameters: {parameters}", flush=True)
+    os.environ.setdefault("QLORA_PROGRESS", "lines")  # the kernel inherits it: progress lines in the job log
     with ForwardStop() as stop:
         try:
             papermill.execute_notebook(str(notebook_path), str(executed), parameters=parameters, kernel_name=kernel,

@@ -92,6 +92,7 @@ class RunConfig:
     logging_steps: int = 5                # record the loss every N steps
     save_steps: int = 50                  # write a resumable checkpoint every N steps
     # where results go
+    tracking: str = "auto"                # MLflow: auto/on (MLFLOW_TRACKING_URI, else <output_dir>/mlflow.db) | off
     output_dir: str = "runs"              # parent folder of run folders
     run_name: str = ""                    # run folder under output_dir; "" names it <task>-<date>-<time>
     overwrite: bool = False               # allow replacing the adapter of an existing run folder
@@ -195,6 +196,7 @@ class RunConfig:
         _check_choice("attention", self.attention, ATTENTIONS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("liger_kernel", self.liger_kernel, SWITCHES)
+        _check_choice("tracking", self.tracking, SWITCHES)
         _check_targets(self.target_modules)
         _check_path("output_dir", self.output_dir)
         _check_run_name(self.run_name)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lib import runs
+from lib import runs, tracking
 from lib.models import load_base_model, load_tokenizer
 from lib.prompts import PromptFormat
 from lib.tasks import Task, get_task
@@ -181,4 +181,5 @@ def evaluate_run(config, eval_rows: list[dict], model_path: str) -> dict:
                                prompt_format=config.prompt_format)
     runs.write_json_atomic(run_dir / runs.METRICS, report)
     plots.metrics_chart(report, run_dir / "metrics.png")
+    tracking.log_results(config, report=report)  # the base vs adapter metrics and the plots, into MLflow
     return report

@@ -20,7 +20,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from lib import memory, plan as runtime_plan, runs
+from lib import memory, plan as runtime_plan, progress, runs, tracking
 from lib.config import ConfigError, RunConfig
 from lib.data import load_splits, to_prompt_completion
 from lib.models import load_base_model, load_tokenizer, resolve_base_model
@@ -224,7 +224,13 @@ class FineTuner:
         if resume_from and self.trainer.args.device.type == "cpu":
             allow_indexed_cpu_locations()
         stop = StopOnSignal()
-        self.trainer.add_callback(stop)
+        callbacks = [stop, progress.LogLastStep()]
+        if progress.wanted():  # plain lines for logs nobody watches live (a CML Job, papermill)
+            callbacks.append(progress.ProgressLines())
+        if tracking.enabled(self.config) and self.trainer.is_world_process_zero():
+            callbacks.append(tracking.MlflowTracking(self.config, self.plan))
+        for callback in callbacks:
+            self.trainer.add_callback(callback)
         started = time.perf_counter()
         try:
             with stop.installed():
@@ -236,6 +242,7 @@ class FineTuner:
             record = self._run_record(output.metrics, wall_s, resume_from)
             if self.trainer.is_world_process_zero():
                 self._save_adapter(record)
+                tracking.log_results(self.config, record=record)
             self.trainer.accelerator.wait_for_everyone()
         except Exception as error:
             failure = runs.storage_failure(error)
@@ -244,7 +251,8 @@ class FineTuner:
             runs.remove_partial_writes(self.config.run_dir)
             raise runs.StorageError(self.config.run_dir, failure, self.space_needed) from error
         finally:
-            self.trainer.remove_callback(stop)
+            for callback in callbacks:
+                self.trainer.remove_callback(callback)
             self.release_lock()
         run_dir = self.config.run_dir
         return TrainResult(run_dir=run_dir, adapter_dir=run_dir / runs.ADAPTER, record=record)

@@ -29,6 +29,9 @@ def loss_curve(loss_history: list[dict], path: str | Path | None = None, title: 
     curves = {"this run": loss_history, **(others or {})} if others else {"": loss_history}
     for label, history in curves.items():
         axes.plot([p["step"] for p in history], [p["loss"] for p in history], marker=".", label=label or None)
+    from matplotlib.ticker import MaxNLocator
+
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no 1.5 on a 3-step run
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("loss (answer tokens)")
     axes.set_title(title)

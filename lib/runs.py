@@ -26,7 +26,7 @@ RUN_CONFIG, RUN_RECORD, METRICS = "run_config.json", "run_record.json", "metrics
 STAGING_PREFIX = ".staging-"
 LOCK_NAME_MAX_BYTES = 240  # longer run names get a hashed lock file name
 # Settings that may differ between an interrupted run and the rerun that resumes it.
-RESUMABLE_CHANGES = ("overwrite",)
+RESUMABLE_CHANGES = ("overwrite", "tracking")
 
 
 # Write failures that more space (or another folder) cures, rather than a bug: disk full, quota,

