@@ -111,8 +111,14 @@ def metrics_table(report: dict) -> Table:
 
 def examples_table(report: dict) -> Table:
     """Held-out prompts with the reference, the base model's answer and the adapter's, side by side."""
-    return Table([{"prompt": example["prompt"], "reference": example["reference"], "base model": example["base"],
-                   "with adapter": example["adapter"]} for example in report["examples"]])
+    return Table([{"prompt": example["prompt"], "reference": example["reference"],
+                   "base model": example["base"] or EMPTY_ANSWER, "with adapter": example["adapter"] or EMPTY_ANSWER}
+                  for example in report["examples"]])
+
+
+# A small base model often ends at once on a prompt format it was never taught (its first token is the
+# end-of-text); say so rather than show a blank cell.
+EMPTY_ANSWER = "(empty: the model ended its answer at once)"
 
 
 def files_table(run_dir: str | Path) -> Table:

@@ -25,11 +25,24 @@ from lib.plan import decide
 SEQ_LENGTHS = (64, 128, 256, 512, 1024, 2048, 4096)  # choices of the sequence-length control
 
 
+# Where a run goes, not how it trains: a job makes its own new run folder, and a pasted line naming this
+# notebook's run would be refused as an existing folder.
+RUN_FOLDER_SETTINGS = ("run_name", "output_dir", "overwrite")
+
+
 def set_lines(config: RunConfig) -> list[str]:
-    """`--set name=value` for each setting that differs from the task's recipe (RunConfig.for_task)."""
+    """`--set name=value` for each training setting that differs from the task's recipe (RunConfig.for_task)."""
     recipe = RunConfig.for_task(config.task).to_dict()
     return [f"--set {name}={_as_text(value)}" for name, value in config.to_dict().items()
-            if value != recipe[name]]
+            if value != recipe[name] and name not in RUN_FOLDER_SETTINGS]
+
+
+def job_line(config: RunConfig) -> str:
+    """The command of a headless job with the panel's settings, ready to paste into a terminal or a CML Job."""
+    import shlex
+
+    return " ".join([f"python jobs/finetune_{config.task}.py",
+                     *(f"--set {shlex.quote(line.removeprefix('--set '))}" for line in set_lines(config))])
 
 
 def _as_text(value) -> str:
@@ -81,11 +94,13 @@ class LoraPanel:
         self._update()
         self.widget = w.VBox([
             w.HTML("<b>LoRA</b>"), w.HBox([self.rank, self.alpha, self.dropout]),
-            w.HBox([w.Label("target modules:", layout=w.Layout(width="auto")), *self.targets.values()]),
+            w.HBox([w.Label("target modules:", layout=w.Layout(min_width="9em", flex="0 0 auto")),  # never cut short
+                    *self.targets.values()]),
             w.HBox([self.attention_button, self.all_linear_button]),
             w.HTML("<b>Training</b>"), w.HBox([self.learning_rate, self.num_epochs, self.max_steps]),
             w.HBox([self.batch_size, self.max_seq_length, self.load_in_4bit]),
-            self.summary, w.HTML("<b>Parameters of a headless job</b> (differences from the task recipe)"),
+            self.summary, w.HTML("<b>The same training as a headless job</b> (paste into a terminal or a CML Job; only the settings "
+                   "that differ from the task recipe)"),
             self.set_text, w.HBox([self.train_button, self.progress]), self.loss_output,
             w.HTML("<b>Compare</b>"), self.prompt, self.compare_button, self.answers,
         ])
@@ -163,7 +178,7 @@ class LoraPanel:
         cells = "".join(f"<tr><td style='text-align:left'>{name}</td><td class='{_css(name)}' "
                         f"style='text-align:right'>{value}</td></tr>" for name, value in rows)
         self.summary.value = f"<table class='lora-summary'>{cells}</table>"
-        self.set_text.value = "\n".join(set_lines(self.config)) or "(the task recipe as it is)"
+        self.set_text.value = job_line(self.config)
         self.train_button.disabled = not self.targets or not any(box.value for box in self.targets.values())
 
     # ---- training and comparing ------------------------------------------------------------------

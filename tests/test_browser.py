@@ -1,7 +1,7 @@
 """The LoRA panel in a real browser: JupyterLab on loopback, the SQL notebook opened in headless
 Chromium (Debian's `chromium`, driven by Playwright), the cells up to the panel run, the rank slider
-moved, and the trainable-parameter count read back from the page. A screenshot is saved as
-test-artifacts/lora_panel.png.
+moved, and the trainable-parameter count read back from the page; the tables must show the prompt tags
+(`<QUESTION>:`) as text. Screenshots: test-artifacts/lora_panel.png and training_text_table.png.
 
 Run: python -m pytest tests/test_browser.py      (needs /usr/bin/chromium; .ci/run installs it)
 
@@ -53,8 +53,11 @@ def jupyter_lab(tmp_path):
     shutil.copy(REPO / "notebooks" / NOTEBOOK, tmp_path / "notebooks" / NOTEBOOK)
     (tmp_path / "lib").symlink_to(REPO / "lib")  # the notebook imports lib from the folder above it
     port, token = free_port(), secrets.token_hex(16)
+    settings = tmp_path / "settings" / "@jupyterlab" / "notebook-extension"
+    settings.mkdir(parents=True)  # every cell's output in the page, not only those scrolled into view
+    (settings / "tracker.jupyterlab-settings").write_text('{"windowingMode": "none"}', encoding="utf-8")
     env = {**os.environ, "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces"),
-           "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
+           "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
     command = [str(Path(sys.executable).parent / "jupyter"), "lab", "--no-browser", f"--port={port}",
                f"--ServerApp.token={token}", "--ServerApp.ip=127.0.0.1", f"--ServerApp.root_dir={tmp_path}",
                "--LabApp.expose_app_in_browser=True"] + (["--allow-root"] if os.geteuid() == 0 else [])
@@ -137,5 +140,13 @@ def test_rank_slider_updates_the_trainable_count_in_the_browser(jupyter_lab):
                 arg=expected[rank + 1])
             count.scroll_into_view_if_needed()
             page.screenshot(path=str(ARTIFACTS / "lora_panel.png"), full_page=False)
+            # The tables above show the prompt tags as text (escaped HTML), not as vanished "tags"
+            tables = page.locator(".jp-OutputArea-output table")
+            text = "\n".join(tables.nth(index).inner_text() for index in range(tables.count()))
+            for tag in ("<TABLE>:", "<QUESTION>:", "<SQL>:"):
+                assert tag in text, f"{tag} is not shown in the notebook's tables"
+            training_text = tables.filter(has_text="<QUESTION>:").first
+            training_text.scroll_into_view_if_needed()
+            training_text.screenshot(path=str(ARTIFACTS / "training_text_table.png"))
         finally:
             browser.close()

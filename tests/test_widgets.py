@@ -4,11 +4,13 @@ estimates follow them, matching what PEFT counts on the embedded model.
 Run: python -m pytest tests/test_widgets.py
 """
 
+from pathlib import Path
+
 import pytest
 
 from lib.config import RunConfig
 from lib.models import resolve_base_model
-from lib.widgets import LoraPanel, set_lines
+from lib.widgets import LoraPanel, job_line, set_lines
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,7 @@ def test_untouched_panel_gives_the_notebook_config(panel):
     assert panel.config == RunConfig.for_task("sql")
     assert panel.config.target_modules == "all-linear"
     assert set_lines(panel.config) == []
-    assert panel.set_text.value == "(the task recipe as it is)"
+    assert panel.set_text.value == "python jobs/finetune_sql.py"
 
 
 def test_rank_and_alpha_change_config_counts_and_set_lines(panel):
@@ -116,6 +118,32 @@ def test_set_lines_give_the_panel_config_back_to_a_headless_job(panel):
     arguments = [part for line in set_lines(panel.config) for part in line.split(" ", 1)]
     config, _ = parse_config(["--task", "sql", *arguments])
     assert config == panel.config
+
+
+def test_the_panels_job_line_pastes_into_the_job_and_runs(model_path, tmp_path):
+    """The notebook's config names its own run folder; the panel's job line leaves it out (a job makes a new
+    one), so pasted as it is shown (tiny sizes appended for the test's time) the job runs and trains with the
+    panel's settings."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    notebook_config = RunConfig.for_task("sql").replace(run_name="sql-from-the-notebook", output_dir="runs")
+    panel = LoraPanel(notebook_config, model_path=model_path)
+    panel.rank.value, panel.alpha.value = 4, 8
+    panel.choose_targets(["q_proj", "v_proj"])
+    line = panel.set_text.value
+    assert line == job_line(panel.config) and "run_name" not in line and "output_dir" not in line
+    assert line.startswith("python jobs/finetune_sql.py --set ")
+    tiny = " --set max_steps=2 --set train_rows=8 --set eval_rows=2 --set max_seq_length=128 --set tracking=off"
+    command = line.replace("python ", f"{sys.executable} ", 1) + tiny + f" --output-dir {tmp_path} --run-name pasted"
+    done = subprocess.run(["bash", "-c", command], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    record = json.loads((tmp_path / "pasted" / "run_record.json").read_text())
+    assert (record["config"]["lora_r"], record["config"]["lora_alpha"]) == (4, 8)
+    assert sorted(record["target_modules"]) == ["q_proj", "v_proj"]
 
 
 def test_train_button_trains_with_progress_and_loss_then_compare_answers(tiny_config, model_path):
