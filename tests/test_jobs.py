@@ -195,6 +195,18 @@ def test_adapter_explorer_attaches_every_task_adapter(task_runs):
     notebook = executed(next(output_dir.glob("adapter_explorer-*")), "05_adapter_explorer.ipynb")
     assert error_outputs(notebook) == []
     assert "attached: instruction-test, sql-test, detox-test" in outputs_text(notebook)
+    assert "no adapter found" not in outputs_text(notebook)
+
+
+def test_adapter_explorer_with_no_adapter_trains_a_starter_and_shows_it(tmp_path):
+    """Notebook 05 is useful before any job: with nothing to attach it trains a small SQL adapter first."""
+    finished = run("jobs/run_notebook.py", "notebooks/05_adapter_explorer.ipynb", "--set", "prompts_per_adapter=1",
+                   "--set", "starter_steps=2", env={"QLORA_OUTPUT_DIR": str(tmp_path)})
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    notebook = executed(next(tmp_path.glob("adapter_explorer-*")), "05_adapter_explorer.ipynb")
+    assert error_outputs(notebook) == [] and (tmp_path / "sql-starter" / "adapter").is_dir()
+    text = outputs_text(notebook)
+    assert "no adapter found: training a starter SQL adapter (2 steps)" in text and "attached: sql-starter" in text
 
 
 # ---- failures and arguments ---------------------------------------------------------------------
