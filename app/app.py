@@ -22,14 +22,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from lib.display import EMPTY_ANSWER  # noqa: E402
 from lib.evaluation import BASE, Evaluator  # noqa: E402
 from lib.explorer import find_adapters  # noqa: E402
 from lib.models import resolve_base_model  # noqa: E402
 from lib.tasks import TASKS, get_task  # noqa: E402
 
 DEFAULT_PORT = 8080
-# A small base model often ends at once on a prompt format it was never taught: say so instead of a blank.
-EMPTY_ANSWER = "(no answer: the model ended its answer at once)"
 MAX_FIELDS = max(len(task.fields) for task in TASKS.values())  # input boxes, shown as the chosen task needs
 
 

@@ -44,6 +44,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # jobs run as files (python jobs/<job>.py); lib is at the root
+from lib import runs  # noqa: E402
 from lib.config import ConfigError, parse_value, split_setting  # noqa: E402
 from lib.evaluation import comparison_table  # noqa: E402
 
@@ -54,7 +55,6 @@ PROJECT_KERNEL = "qlora-amp"            # registered for this Python when the py
 ARTIFACTS = (("adapter", "adapter"), ("run record", "run_record.json"), ("metrics", "metrics.json"),
              ("loss curve", "loss_curve.png"), ("metrics chart", "metrics.png"), ("worker logs", "logs"))
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
-RUN_CONFIG = "run_config.json"          # what a started training run leaves in its folder (lib.runs)
 STOPPED_EXIT = 128 + signal.SIGTERM     # 143: stopped by SIGTERM (a CML Job stopped by its user)
 
 
@@ -129,7 +129,7 @@ def new_run_dir(output_dir: Path, run_name: str, prefix: str, resume: bool = Fal
         raise UsageError(f"run name {run_name!r} must be a plain folder name, without slashes")
     output_dir.mkdir(parents=True, exist_ok=True)
     if resume:
-        if not run_name or not (output_dir / run_name / RUN_CONFIG).is_file():
+        if not run_name or not (output_dir / run_name / runs.RUN_CONFIG).is_file():
             raise UsageError(f"--resume goes on with a stopped job: give its --run-name; {output_dir / (run_name or '?')} "
                              "holds no stopped run")
         return output_dir / run_name
@@ -287,8 +287,7 @@ def stopped(error: Exception, run_dir: Path, executed: Path) -> int:
     command = [sys.executable, *sys.argv]
     if "--resume" not in command:
         command += ["--run-name", run_dir.name, "--resume"] if "--run-name" not in command else ["--resume"]
-    checkpoints = run_dir / "checkpoints"
-    resumable = checkpoints.is_dir() and any(checkpoints.glob("checkpoint-*/trainer_state.json"))
+    resumable = runs.last_checkpoint(run_dir) is not None
     detail = getattr(error, "evalue", "") or str(error)
     print(f"\nSTOPPED by SIGTERM: {detail}\nexecuted notebook: {executed}", file=sys.stderr)
     if resumable:

@@ -50,7 +50,6 @@ def experiment_name(config) -> str:
 
 def _client_and_run(config):
     """(MlflowClient, run id) of the config's run, created on first use."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(config)
@@ -68,7 +67,6 @@ def _client_and_run(config):
         experiment_id = experiment.experiment_id
     run = client.create_run(experiment_id, run_name=config.run_name, tags={
         "task": config.task, "base_model": config.base_model, "mlflow.source.name": "lib.fine_tuner"})
-    del mlflow
     config.run_dir.mkdir(parents=True, exist_ok=True)
     id_file.write_text(run.info.run_id, encoding="utf-8")
     return client, run.info.run_id
