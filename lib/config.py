@@ -26,7 +26,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 ATTENTIONS = ("auto", "varlen", "sdpa", "eager")
 OPTIMIZERS = ("auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit")
 SWITCHES = ("auto", "on", "off")
-AUTO_OR_NUMBER = ("micro_batch_size", "memory_budget_gib")  # "auto" or a number, which text may spell ("4")
+AUTO_OR_NUMBER = ("micro_batch_size", "memory_budget_gib", "cpu_threads")  # "auto" or a number, which text may spell ("4")
 NAME_MAX_BYTES = 255  # longest file or folder name, in bytes, on common file systems (ext4, xfs, APFS)
 
 
@@ -80,6 +80,7 @@ class RunConfig:
     batch_size: int = 16                  # sequences (packed, or one example each) per process per optimizer step
     micro_batch_size: Any = "auto"        # sequences a pass, divides batch_size (rest accumulates); auto: largest that fits
     memory_budget_gib: Any = "auto"       # training memory a process may fill (lib/memory.py); auto: 80% of GPU, 75% of RAM
+    cpu_threads: Any = "auto"             # CPU threads of a training process; auto: its share of the cores not busy now
     max_seq_length: int = 512             # tokens per packed sequence; longer examples are truncated
     packing: bool = True                  # pack several examples into one sequence, attention kept within each example
     completion_only_loss: bool = True     # learn from the answer tokens only, not from the prompt
@@ -184,6 +185,8 @@ class RunConfig:
                                   f'"auto" or a divisor of batch_size ({self.batch_size})')
         if self.memory_budget_gib != "auto":
             _check_float("memory_budget_gib", self.memory_budget_gib, low=0.01, high=1e6)
+        if self.cpu_threads != "auto":
+            _check_int("cpu_threads", self.cpu_threads, low=1, high=4096)
         if self.gradient_checkpointing != "auto":
             _check_bool("gradient_checkpointing", self.gradient_checkpointing)
         _check_float("lora_dropout", self.lora_dropout, low=0.0, high=0.9)

@@ -89,7 +89,8 @@ def run_summary_table(record: dict) -> Table:
         {"quantity": "training loss (mean)", "value": f"{record['train_metrics'].get('train_loss', float('nan')):.3f}"},
         {"quantity": "wall time", "value": f"{record['wall_time_s']} s"},
         {"quantity": "tokens per second", "value": record["tokens_per_s"]},
-        {"quantity": "peak memory", "value": f"{record['peak_memory_gib']} GiB"},
+        {"quantity": "peak memory (measured)", "value": f"{record['peak_memory_gib']} GiB"},
+        {"quantity": "peak memory (estimated)", "value": f"{record.get('estimated_peak_gib')} GiB"},
         {"quantity": "processes (world size)", "value": record["world_size"]},
         {"quantity": "device", "value": record["device"]},
     ])

@@ -20,6 +20,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from lib import memory, plan as runtime_plan, progress, runs, tracking
 from lib.config import ConfigError, RunConfig
 from lib.data import load_splits, to_prompt_completion
@@ -50,6 +52,7 @@ class FineTuner:
         self.train_dataset = train_dataset
         self.trainer = None
         self.lock = None  # runs.RunLock held from setup() to the end of train()
+        self.resident = ResidentAtStart()
 
     # ---- setup: everything that can fail on bad input happens before the run folder exists ----
 
@@ -73,7 +76,7 @@ class FineTuner:
         config = self.config
         runs.check_run_dir(config)
         self.model_path = resolve_base_model(config.base_model)
-        shapes = memory.read_shapes(self.model_path)  # the model's layers, read once without weights
+        self.shapes = shapes = memory.read_shapes(self.model_path)  # the model's layers, read once without weights
         self.target_modules = shapes.resolve(config.target_module_list())
         if self.train_dataset is None:
             self.train_rows, self.eval_rows = load_splits(config)
@@ -82,7 +85,12 @@ class FineTuner:
         self.tokenizer = load_tokenizer(self.model_path)
         self.format = PromptFormat.build(config.prompt_format, self.task, self.tokenizer)
         self.truncation = self._check_truncation()
-        self.plan = runtime_plan.decide(config, shapes, longest_example=self._longest_example())
+        plan = runtime_plan.decide(config, shapes, longest_example=self._longest_example())
+        self.plan = runtime_plan.with_threads(plan, config)  # on a CPU: threads from the cores free now
+        if self.plan.threads:
+            import torch
+
+            torch.set_num_threads(self.plan.threads)
         self._check_memory(shapes)
         self.space_needed = self._check_free_space(memory.trainable_parameters(shapes, config.lora_r, self.target_modules))
         model = load_base_model(self.model_path, config.load_in_4bit, attention=self.plan.attention,
@@ -229,6 +237,10 @@ class FineTuner:
             callbacks.append(progress.ProgressLines())
         if tracking.enabled(self.config) and self.trainer.is_world_process_zero():
             callbacks.append(tracking.MlflowTracking(self.config, self.plan))
+        self.resident = ResidentAtStart()  # after MLflow's start: its libraries are part of the process's peak
+        callbacks.append(self.resident)
+        if not self.plan.on_gpu:
+            callbacks.append(ReleaseFreedMemory())
         for callback in callbacks:
             self.trainer.add_callback(callback)
         started = time.perf_counter()
@@ -289,12 +301,21 @@ class FineTuner:
             "train_tokens": tokens,
             "tokens_per_s": round(tokens / train_metrics["train_runtime"], 1) if train_metrics.get("train_runtime") else None,
             "peak_memory_gib": peak_memory_gib(),
+            "estimated_peak_gib": self._estimated_peak_gib(),  # what peak_memory_gib was expected to read
             "plan": self.plan.to_dict(),  # every "auto" as decided (lib.plan), with the micro-batch
             "world_size": self.trainer.accelerator.num_processes,
             "rank_shares": self._rank_shares(),
             "device": device_name(),
             "versions": library_versions(),
         }
+
+    def _estimated_peak_gib(self) -> float | None:
+        """The estimate of this process's peak_memory_gib: on a GPU the training estimate (allocated tensors);
+        on a CPU the resident memory when training started + the training estimate beyond the loaded weights."""
+        if self.plan.on_gpu or self.resident.bytes is None:
+            return self.plan.estimated_gib
+        parts = memory.training_memory(self.shapes, self.config, self.plan, self.plan.micro_batch_size)
+        return round(memory.process_peak(parts, self.resident.bytes) / 2**30, 3)
 
     def _rank_shares(self) -> list[dict]:
         """How many packed sequences and batches each process trained on per epoch."""
@@ -303,8 +324,27 @@ class FineTuner:
         accelerator = self.trainer.accelerator
         batches = len(self.trainer.get_train_dataloader())
         share = {"rank": accelerator.process_index, "batches_per_epoch": batches,
-                 "sequences_per_epoch": batches * self.plan.micro_batch_size}
+                 "sequences_per_epoch": batches * self.plan.micro_batch_size,
+                 "peak_memory_gib": peak_memory_gib(), "estimated_peak_gib": self._estimated_peak_gib()}
         return sorted(gather_object([share]), key=lambda item: item["rank"])
+
+
+class ResidentAtStart(TrainerCallback):
+    """This process's resident memory when training starts (lib.memory.process_peak's measured part)."""
+
+    bytes: int | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.device.type == "cpu":
+            memory.release_freed_memory()  # what setup freed would otherwise count here and be reused unseen
+        self.bytes = memory.resident_bytes()
+
+
+class ReleaseFreedMemory(TrainerCallback):
+    """After each CPU training step, the allocator's freed pages go back to the OS (lib.memory)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        memory.release_freed_memory()
 
 
 def warmup_share(ratio: float) -> float:

@@ -292,9 +292,12 @@ def free_port() -> int:
 
 
 def _local_env(host_processes: int) -> dict[str, str]:
-    """Additions to the environment of processes started on this host: CPU threads shared out among
-    the run's processes here (unless OMP_NUM_THREADS is set already), unbuffered output for the logs."""
-    env = {"PYTHONUNBUFFERED": "1"}
+    """Additions to the environment of processes started on this host: CPU threads and the CPU memory budget
+    shared out among the run's processes here (threads unless OMP_NUM_THREADS is set already), unbuffered
+    output for the logs."""
+    from lib.memory import HOST_PROCESSES_VARIABLE
+
+    env = {"PYTHONUNBUFFERED": "1", HOST_PROCESSES_VARIABLE: str(host_processes)}  # each shares the CPU budget
     if "OMP_NUM_THREADS" not in os.environ:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         env["OMP_NUM_THREADS"] = str(max(1, cores // host_processes))

@@ -17,6 +17,8 @@ the memory estimate (lib.memory) reads it too. Nothing else decides an "auto".
 | liger_kernel               | on where its Triton kernels run (CUDA, liger-kernel installed)               |
 | packing (asked)            | kept only for models that read position_ids (packed examples stay apart)      |
 | micro_batch_size           | the largest divisor of batch_size whose estimate fits memory_budget_gib       |
+| cpu_threads (CPU only)     | this process's share of the cores (OMP_NUM_THREADS, else cores / processes   |
+|                            | on this host), less the cores other programs keep busy when training starts   |
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Plan:
     grad_accum: int | None = None
     estimated_gib: float | None = None   # the memory estimate of one micro-batch, and the budget it had to fit
     budget_gib: float | None = None
+    threads: int | None = None           # CPU threads of a CPU training process (with_threads); None on a GPU
 
     @property
     def compute_bytes(self) -> int:
@@ -110,6 +113,40 @@ def fit_micro_batch(plan: Plan, config, shapes) -> Plan:
     size, estimate, budget = memory.micro_batch(shapes, config, plan)
     return dataclasses.replace(plan, micro_batch_size=size, grad_accum=config.batch_size // size,
                                estimated_gib=round(estimate / 2**30, 3), budget_gib=round(budget / 2**30, 3))
+
+
+def with_threads(plan: Plan, config) -> Plan:
+    """The plan with the CPU threads a CPU training process uses (None on a GPU): `cpu_threads`, or for
+    "auto" its share of the cores (cpu_share) less the cores busy with other work now (idle_cores), at least
+    1. Measured (docs/BENCHMARKS.md, "CPU threads"): with another program keeping one of 2 cores busy, two
+    threads were several times slower than one (each step waits for the thread that gets no core)."""
+    if plan.on_gpu:
+        return plan
+    threads = config.cpu_threads if config.cpu_threads != "auto" else max(1, min(cpu_share(), round(idle_cores())))
+    return dataclasses.replace(plan, threads=threads)
+
+
+def cpu_share() -> int:
+    """The threads this process may use: OMP_NUM_THREADS when set (by the user, or by lib.launcher for its
+    local processes), else this process's usable cores divided by the training processes on this host."""
+    from lib.memory import host_processes
+
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // host_processes())
+
+
+def idle_cores(sample_s: float = 0.5) -> float:
+    """Cores of this process's affinity left idle by everything running, over `sample_s` seconds."""
+    import psutil
+
+    usable = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    busy = psutil.cpu_percent(interval=sample_s, percpu=True)
+    if usable is not None:
+        busy = [busy[core] for core in usable if core < len(busy)]
+    return sum(100.0 - percent for percent in busy) / 100.0
 
 
 def resolve_precision(precision: str, on_gpu: bool | None = None) -> str:

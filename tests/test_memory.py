@@ -138,13 +138,32 @@ def test_fine_tuner_estimates_unpacked_rows_at_the_longest_example(tiny_config):
 
 
 def test_cpu_budget_is_shared_by_the_local_processes(llama, shapes_dirs, monkeypatch):
+    """accelerate's LOCAL_WORLD_SIZE (processes of one launch) and the launcher's QLORA_HOST_PROCESSES (its
+    local workers are launches of one process each, so LOCAL_WORLD_SIZE is 1 in each) both divide it."""
     config = RunConfig(base_model=shapes_dirs["llama-1b"])
     setup = decide(config, llama, on_gpu=False)
+    monkeypatch.delenv(memory.HOST_PROCESSES_VARIABLE, raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     alone = memory.budget_bytes(config, setup)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert memory.budget_bytes(config, setup) == pytest.approx(alone / 2)
+    monkeypatch.setenv(memory.HOST_PROCESSES_VARIABLE, "4")
+    assert memory.budget_bytes(config, setup) == pytest.approx(alone / 4)
     assert memory.budget_bytes(config.replace(memory_budget_gib=3), setup) == 3 * 2**30
+
+
+def test_launcher_tells_its_local_processes_how_many_share_the_host():
+    from lib.launcher import _local_env
+
+    assert _local_env(2)[memory.HOST_PROCESSES_VARIABLE] == "2"
+
+
+def test_process_peak_is_the_resident_memory_plus_training_beyond_the_loaded_weights(llama, shapes_dirs):
+    config = RunConfig(base_model=shapes_dirs["llama-1b"])
+    parts = memory.training_memory(llama, config, decide(config, llama, on_gpu=False))
+    resident = 1.5 * 2**30
+    assert memory.process_peak(parts, resident) == pytest.approx(resident + total(parts) - parts["base weights"])
+    assert memory.resident_bytes() > 50 * 2**20, "this test's own process holds torch and more"
 
 
 def test_the_plan_decides_every_auto_from_config_shapes_and_device(llama, shapes_dirs):
@@ -167,3 +186,58 @@ def test_the_plan_decides_every_auto_from_config_shapes_and_device(llama, shapes
         "paged_adamw_8bit", False, "fp32", "eager")
     with pytest.raises(ConfigError, match="attention"):
         decide(config.replace(base_model=shapes_dirs["bloom-1b1"], attention="varlen"), bloom, on_gpu=True)
+
+
+# ---- CPU threads ----------------------------------------------------------------------------------
+
+def test_threads_auto_is_the_share_less_the_busy_cores(llama, shapes_dirs, monkeypatch):
+    from lib import plan as runtime_plan
+
+    config = RunConfig(base_model=shapes_dirs["llama-1b"])
+    setup = decide(config, llama, on_gpu=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv(memory.HOST_PROCESSES_VARIABLE, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(runtime_plan, "idle_cores", lambda: 3.9)
+    assert runtime_plan.with_threads(setup, config).threads == 4
+    monkeypatch.setattr(runtime_plan, "idle_cores", lambda: 1.2)   # other work keeps nearly 3 cores busy
+    assert runtime_plan.with_threads(setup, config).threads == 1
+    monkeypatch.setattr(runtime_plan, "idle_cores", lambda: 0.1)   # never fewer than one
+    assert runtime_plan.with_threads(setup, config).threads == 1
+    monkeypatch.setattr(runtime_plan, "idle_cores", lambda: 3.9)
+    monkeypatch.setenv(memory.HOST_PROCESSES_VARIABLE, "2")        # two local processes share the cores
+    assert runtime_plan.with_threads(setup, config).threads == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")                     # the user's (or the launcher's) limit
+    assert runtime_plan.with_threads(setup, config).threads == 3
+    assert runtime_plan.with_threads(setup, config.replace(cpu_threads=7)).threads == 7
+    assert runtime_plan.with_threads(decide(config, llama, on_gpu=True), config).threads is None
+
+
+def test_idle_cores_sees_a_busy_core():
+    """Measured, not assumed: a process spinning on one core lowers the idle count by most of a core."""
+    import subprocess
+    import sys
+    import time
+
+    from lib.plan import idle_cores
+
+    before = idle_cores(0.5)
+    if before < 0.8:
+        pytest.skip(f"no idle core to take: {before:.2f} idle before the spinner")
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        during = idle_cores(0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert before - during > 0.6, (before, during)
+
+
+def test_cpu_threads_setting_is_checked():
+    assert RunConfig.from_dict({"cpu_threads": "2"}).validate().cpu_threads == 2  # a notebook's or job's text
+    with pytest.raises(ConfigError, match="cpu_threads"):
+        RunConfig(cpu_threads=0).validate()
+    with pytest.raises(ConfigError, match="cpu_threads"):
+        RunConfig.from_dict({"cpu_threads": "many"}).validate()

@@ -35,6 +35,7 @@ import statistics
 import time
 from pathlib import Path
 
+from lib import memory
 from lib.config import RunConfig
 
 # Real architectures, by shape; "tiny-*" are for tests on CPU.
@@ -317,7 +318,7 @@ def memory_check(overrides: dict, output_dir: str, steps: int = 3) -> dict:
     model = tuner.trainer.model
     tensors = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     process, peak, done = psutil.Process(), [0], threading.Event()
-    release_freed_memory()  # what loading freed goes back to the OS, so training's growth shows in RSS
+    memory.release_freed_memory()  # what loading freed goes back to the OS, so training's growth shows in RSS
     after_setup = process.memory_info().rss
 
     def sample():
@@ -340,18 +341,6 @@ def memory_check(overrides: dict, output_dir: str, steps: int = 3) -> dict:
             "estimated_gib": plan["estimated_gib"], "measured_gib": round(measured / 2**30, 3),
             "ratio": round(plan["estimated_gib"] / (measured / 2**30), 3), "model_tensors_gib": round(tensors / 2**30, 3),
             "steps": result.record["global_step"], "device": result.record["device"], "date": time.strftime("%Y-%m-%d")}
-
-
-def release_freed_memory() -> None:
-    """Return the C allocator's free pages to the OS (glibc `malloc_trim`); nothing elsewhere."""
-    import ctypes
-    import ctypes.util
-
-    library = ctypes.util.find_library("c")
-    try:
-        ctypes.CDLL(library).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass
 
 
 def estimate_gib(row: dict, shapes_dir: str) -> float | None:
