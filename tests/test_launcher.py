@@ -8,6 +8,7 @@ cores); one successful run is shared by several tests. The CML test talks to a l
 of `cml.workers_v1` (tests/cml_standin) that starts real worker processes.
 """
 
+import socket
 import sys
 import threading
 import time
@@ -18,9 +19,10 @@ import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 
 from lib.config import ConfigError, RunConfig
-from lib.launcher import (LaunchError, accelerate_templates, launch, render_accelerate_config, topology_template,
-                          worker_values, workers_from_env)
-from lib.workers import REPO_ROOT, CmlWorkers, LocalProcess, LocalWorkers, worker_backend
+from lib import launcher
+from lib.launcher import (DEFAULT_MAIN_PORT, LaunchError, accelerate_templates, free_port, launch, main_port_from_env,
+                          render_accelerate_config, topology_template, worker_values, workers_from_env)
+from lib.workers import REPO_ROOT, CmlWorkers, LocalProcess, LocalWorkers, WorkerResources, worker_backend
 
 TINY = dict(task="sql", max_steps=3, train_rows=32, eval_rows=4, max_seq_length=128, batch_size=2)
 SECRET = "hf_launcher_test_secret_value"
@@ -46,7 +48,7 @@ def two_worker_run(tmp_path_factory):
         patch.setenv("HF_TOKEN", SECRET)
         started = time.monotonic()
         result = launch(RunConfig(**TINY, output_dir=str(output_dir)), num_workers=2, backend="local",
-                        join_timeout_s=120, echo=False)
+                        join_timeout_s=120, main_port=free_port(), echo=False)
     return result, time.monotonic() - started
 
 
@@ -59,6 +61,7 @@ def test_two_local_workers_train_one_adapter_with_world_size_two(two_worker_run)
     assert record["global_step"] == 3
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
     assert sorted(result.logs) == [0, 1] and all(log.stat().st_size > 0 for log in result.logs.values())
+    assert {log.parent for log in result.logs.values()} == {result.run_dir / "logs" / "attempt-1"}
     print(f"two-worker run: {seconds:.0f} s")
 
 
@@ -175,6 +178,63 @@ def test_bad_settings_fail_before_anything_starts(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+class FailingRankZero:
+    """start_local's stand-in: rank 0 prints a line and exits with 3, at once."""
+
+    def __init__(self, line: str):
+        self.line = line
+
+    def __call__(self, rank, argv, env, log_path):
+        return LocalProcess(rank, ["-c", f"print({self.line!r}); raise SystemExit(3)"], env, log_path)
+
+
+def test_a_relaunch_keeps_the_logs_of_the_attempt_before(tmp_path, monkeypatch):
+    config = RunConfig(**TINY, output_dir=str(tmp_path), run_name="again")
+    for attempt in (1, 2):
+        monkeypatch.setattr(launcher, "start_local", FailingRankZero(f"attempt {attempt} failed"))
+        with pytest.raises(LaunchError) as error:
+            launch(config, 1, "local", echo=False)
+        assert error.value.log_path == tmp_path / "again" / "logs" / f"attempt-{attempt}" / "worker-0.log"
+        assert f"attempt {attempt} failed" in str(error.value)  # the error shows this attempt's log
+    first = tmp_path / "again" / "logs" / "attempt-1" / "worker-0.log"
+    assert first.read_text().strip() == "attempt 1 failed"
+
+
+# ---- the rendezvous port ----------------------------------------------------------------------
+
+def test_main_port_is_fixed_by_default_and_read_from_the_setting_or_the_environment(monkeypatch):
+    monkeypatch.delenv("QLORA_MAIN_PORT")
+    assert main_port_from_env() == DEFAULT_MAIN_PORT == 29500
+    monkeypatch.setenv("QLORA_MAIN_PORT", " 29400 ")
+    assert main_port_from_env() == 29400
+    assert main_port_from_env(29600) == 29600  # the launch's own setting wins
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "65536", "-1", "29500.5"])
+def test_a_bad_port_in_the_environment_names_the_variable(value, monkeypatch):
+    monkeypatch.setenv("QLORA_MAIN_PORT", value)
+    with pytest.raises(ConfigError, match="QLORA_MAIN_PORT") as error:
+        main_port_from_env()
+    assert repr(value) in str(error.value) and "1 to 65535" in str(error.value)
+
+
+@pytest.mark.parametrize("value", [0, 70000, True, 2.5, "port"])
+def test_a_bad_main_port_names_the_setting(value):
+    with pytest.raises(ConfigError, match="'main_port'"):
+        main_port_from_env(value)
+
+
+def test_a_taken_port_is_refused_before_anything_starts(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match="main_port") as error:
+            launch(RunConfig(**TINY, output_dir=str(tmp_path)), 2, "local", main_port=port)
+    assert str(port) in str(error.value) and "QLORA_MAIN_PORT" in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---- the CML backend, against a stand-in for the service --------------------------------------
 
 @pytest.fixture
@@ -201,6 +261,51 @@ def test_cml_backend_starts_the_other_ranks_as_cml_workers(cml_standin, tmp_path
         ("lib/worker_entry.py", "succeeded", 0)]
     assert "Packing train dataset" in result.logs[1].read_text()  # written by worker_entry on the "worker"
     assert run_processes(tmp_path) == []
+
+
+def test_worker_resources_reach_launch_workers(cml_standin, tmp_path):
+    resources = WorkerResources(cpu=8, memory_gib=64.5, gpus=2, accelerator_label_id=3)
+    backend = worker_backend("cml", resources)
+    backend.start(1, ["-c", "print('worker up')"], {}, tmp_path / "worker-1.log", join_timeout_s=30, gpus=1).stop()
+    (launched,) = cml_standin.stop_workers()
+    assert (launched["cpu"], launched["memory"], launched["nvidia_gpu"], launched["accelerator_label_id"]) == (
+        8, 64.5, 2, 3)
+
+
+def test_worker_resources_come_from_the_environment_else_the_defaults(cml_standin, monkeypatch, tmp_path):
+    backend = worker_backend("cml")
+    backend.start(1, ["-c", "pass"], {}, tmp_path / "a.log", join_timeout_s=30, gpus=1).stop()
+    monkeypatch.setenv("QLORA_WORKER_CPU", "2.5")
+    monkeypatch.setenv("QLORA_WORKER_MEMORY_GIB", "32")
+    monkeypatch.setenv("QLORA_WORKER_GPUS", "4")
+    monkeypatch.setenv("QLORA_ACCELERATOR_LABEL_ID", "7")
+    backend = worker_backend("cml", {"cpu": 6})  # a setting given wins over its variable
+    backend.start(1, ["-c", "pass"], {}, tmp_path / "b.log", join_timeout_s=30, gpus=1).stop()
+    default, from_env = cml_standin.stop_workers()
+    assert (default["cpu"], default["memory"], default["nvidia_gpu"], default["accelerator_label_id"]) == (
+        4, 16, 1, None)  # no label asked: the workspace's default GPU type
+    assert (from_env["cpu"], from_env["memory"], from_env["nvidia_gpu"], from_env["accelerator_label_id"]) == (
+        6, 32, 4, 7)
+
+
+@pytest.mark.parametrize("variable, value", [("QLORA_WORKER_CPU", "0"), ("QLORA_WORKER_CPU", "four"),
+                                             ("QLORA_WORKER_MEMORY_GIB", "-16"), ("QLORA_WORKER_GPUS", "1.5"),
+                                             ("QLORA_ACCELERATOR_LABEL_ID", "0"), ("QLORA_ACCELERATOR_LABEL_ID", "gpu")])
+def test_bad_worker_resources_fail_before_anything_starts(variable, value, monkeypatch, tmp_path):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=variable) as error:
+        launch(RunConfig(**TINY, output_dir=str(tmp_path)), 2, "local")
+    assert repr(value) in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_worker_resources_given_to_the_launch_name_the_setting():
+    with pytest.raises(ConfigError, match=r"resources\.gpus.*-1"):
+        worker_backend("local", {"gpus": -1})
+    with pytest.raises(ConfigError, match=r"resources\.cpu"):
+        worker_backend("cml", WorkerResources(cpu=float("nan")))
+    with pytest.raises(ConfigError, match="'disk'.*one of"):
+        worker_backend("local", {"disk": 100})
 
 
 def test_cml_backend_needs_this_engines_address(cml_standin, monkeypatch, tmp_path):
