@@ -159,7 +159,9 @@ class FineTuner:
         from trl import SFTTrainer
 
         rows = to_prompt_completion(self.train_rows, self.format) if self.train_dataset is None else self.train_dataset
-        trainer = SFTTrainer(model=model, args=self._training_args(), train_dataset=Dataset.from_list(rows),
+        args = self._training_args()
+        use_one_gpu(args)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=self.tokenizer, peft_config=self.lora_config)
         if trainer.args.fp16:  # fp16 loss scaling unscales fp32 gradients only; TRL casts 4-bit adapters to bf16
             for parameter in trainer.model.parameters():
@@ -305,6 +307,16 @@ class FineTuner:
         share = {"rank": accelerator.process_index, "batches_per_epoch": batches,
                  "sequences_per_epoch": batches * self.plan.micro_batch_size}
         return sorted(gather_object([share]), key=lambda item: item["rank"])
+
+
+def use_one_gpu(args) -> None:
+    """A process outside a distributed launch that sees several GPUs (a notebook, `python -m lib.train --gpus 1`)
+    trains on the first: the Trainer would otherwise wrap the model in DataParallel, which TRL refuses and which
+    was slower than one GPU (DESIGN.md). `python -m lib.train` and lib.launcher start one process per GPU."""
+    if args.n_gpu > 1:
+        print(f"{args.n_gpu} GPUs visible to this one process: training on the first only (one process per GPU: "
+              "python -m lib.train or lib.launcher)", flush=True)
+        args._n_gpu = 1  # what the Trainer itself sets for a model placed across several GPUs
 
 
 def warmup_share(ratio: float) -> float:

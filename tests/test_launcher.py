@@ -18,8 +18,9 @@ import psutil
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 
-from lib.config import ConfigError, RunConfig
 from lib import launcher
+from lib.config import ConfigError, RunConfig
+from lib.fine_tuner import use_one_gpu  # imported before tests fake a GPU: transformers probes CUDA on import
 from lib.launcher import (DEFAULT_MAIN_PORT, LaunchError, accelerate_templates, free_port, launch, main_port_from_env,
                           render_accelerate_config, topology_template, worker_values, workers_from_env)
 from lib.workers import REPO_ROOT, CmlWorkers, LocalProcess, LocalWorkers, WorkerResources, worker_backend
@@ -352,6 +353,69 @@ def test_rendering_names_what_is_missing_or_unknown(tmp_path):
         render_accelerate_config("multi_gpu", tmp_path / "x.yaml", num_processes=2)
     with pytest.raises(ConfigError, match="single_process"):
         render_accelerate_config("no_such_topology", tmp_path / "x.yaml")
+
+
+# ---- one process per GPU ---------------------------------------------------------------------
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    """This CPU host made to look like one with two GPUs, outside any distributed launch."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for name in ("WORLD_SIZE", "LOCAL_RANK", "QLORA_GPUS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_one_training_command_on_two_gpus_becomes_one_process_per_gpu(two_gpus, monkeypatch, tmp_path):
+    from lib import train
+
+    assert train.training_processes() == 2
+    launched = []
+    monkeypatch.setattr(launcher, "main", lambda argv: launched.append(argv) or 0)
+    assert train.main(["--task", "sql", "--gpus", "auto", "--set", "max_steps=2"]) == 0
+    assert launched == [["--workers", "1", "--backend", "local", "--processes-per-worker", "2",
+                         "--task", "sql", "--set", "max_steps=2"]]
+    # what that launch renders: one worker of two processes, one per GPU
+    assert launcher.default_processes_per_worker(1, shares_host=True) == 2
+    template = topology_template(1, 2, use_gpu=True)
+    values = worker_values(template, 0, 1, 2, "127.0.0.1", 29500, True, shares_host=True)
+    config = load_config_from_file(str(render_accelerate_config(template, tmp_path / "a.yaml", **values)))
+    assert (template, config.distributed_type, config.num_processes, config.use_cpu) == ("multi_gpu", "MULTI_GPU", 2,
+                                                                                         False)
+
+
+def test_launcher_defaults_to_one_process_per_visible_gpu(two_gpus):
+    assert launcher.default_processes_per_worker(1, shares_host=True) == 2
+    assert launcher.default_processes_per_worker(2, shares_host=True) == 1  # two local workers share the two GPUs
+    assert launcher.default_processes_per_worker(2, shares_host=False) == 2  # CML Workers have GPUs of their own
+    assert launcher._local_env(1)["QLORA_GPUS"] == "1"  # a single-process worker does not start processes itself
+
+
+def test_asking_for_one_gpu_keeps_one_process_on_the_first(two_gpus, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from lib import train
+
+    monkeypatch.setenv("QLORA_GPUS", "1")
+    assert train.training_processes() == 1
+    assert train.training_processes("2") == 2  # --gpus wins over the variable
+    args = SimpleNamespace(n_gpu=2, _n_gpu=2)  # the trainer arguments of one process that sees both GPUs
+    use_one_gpu(args)
+    assert args._n_gpu == 1 and "training on the first only" in capsys.readouterr().out
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert train.training_processes("auto") == 1  # inside a launch each process is one of its processes
+
+
+@pytest.mark.parametrize("value", ["0", "3", "two", "-1"])
+def test_a_bad_gpu_count_names_the_setting(two_gpus, monkeypatch, value):
+    from lib import train
+
+    with pytest.raises(ConfigError, match="'--gpus'.*2 visible"):
+        train.training_processes(value)
+    monkeypatch.setenv("QLORA_GPUS", value)
+    assert train.main(["--task", "sql"]) == 2
 
 
 # ---- NUM_GPU_WORKERS --------------------------------------------------------------------------
