@@ -185,29 +185,44 @@ def render_accelerate_config(template: str, path, **values) -> Path:
     return path
 
 
-def topology_template(num_workers: int, processes_per_worker: int, use_gpu: bool) -> str:
-    """The accelerate_configs/ template for a run's shape."""
+def topology_template(num_workers: int, processes_per_worker: int, use_gpu: bool, sharded: bool = False) -> str:
+    """The accelerate_configs/ template for a run's shape; sharded: the plan shards the model (FSDP)."""
     if num_workers * processes_per_worker == 1:
         return "single_process"
+    if sharded:
+        return "fsdp"
     if not use_gpu:
         return "multi_cpu"
     return "multi_gpu" if num_workers == 1 else "multi_machine"
 
 
 def worker_values(template: str, rank: int, num_workers: int, processes_per_worker: int, main_address: str,
-                  main_port: int, use_gpu: bool, shares_host: bool) -> dict:
+                  main_port: int, use_gpu: bool, shares_host: bool, layer_class: str = "") -> dict:
     """The values of worker `rank`'s accelerate config. shares_host: all workers run on this host, so
-    each gets its own GPUs."""
+    each gets its own GPUs. layer_class: the decoder layer FSDP wraps (fsdp only)."""
     if template == "single_process":
         return {"use_cpu": not use_gpu}
     if template == "multi_gpu":
         return {"num_processes": processes_per_worker, "main_process_port": main_port}
     values = {"machine_rank": rank, "num_machines": num_workers, "num_processes": num_workers * processes_per_worker,
               "main_process_ip": main_address, "main_process_port": main_port}
-    if template == "multi_machine":
+    if template in ("multi_machine", "fsdp"):
         first = rank * processes_per_worker
-        values["gpu_ids"] = ",".join(map(str, range(first, first + processes_per_worker))) if shares_host else "all"
+        own_gpus = shares_host and use_gpu
+        values["gpu_ids"] = ",".join(map(str, range(first, first + processes_per_worker))) if own_gpus else "all"
+    if template == "fsdp":
+        values.update(use_cpu=not use_gpu, layer_class=layer_class)
     return values
+
+
+def sharding(config: RunConfig, model_path: str, processes: int, use_gpu: bool) -> tuple[bool, str]:
+    """Whether the run's processes will shard the model (lib.plan decides it here as they would, from the
+    model's shapes, without loading a weight), and the decoder layer class FSDP wraps."""
+    from lib.memory import read_shapes
+    from lib.plan import decide
+
+    shapes = read_shapes(model_path)
+    return decide(config, shapes, on_gpu=use_gpu, processes=processes).sharded, shapes.layer_class
 
 
 def accelerate_argv(accelerate_config: Path, run_json: Path, join_timeout_s: float) -> list[str]:
@@ -245,7 +260,8 @@ def launch(config: RunConfig, num_workers: int | None = None, backend="auto", *,
     main_address = workers_backend.main_address() if num_workers > 1 else "127.0.0.1"
     use_gpu, shares_host = _has_gpu(), workers_backend.shares_host
     processes_per_worker = processes_per_worker or default_processes_per_worker(num_workers, shares_host)
-    template = topology_template(num_workers, processes_per_worker, use_gpu)
+    sharded, layer_class = sharding(config, model_path, num_workers * processes_per_worker, use_gpu)
+    template = topology_template(num_workers, processes_per_worker, use_gpu, sharded)
     if template != "single_process":
         check_port_free(main_port)
 
@@ -254,7 +270,7 @@ def launch(config: RunConfig, num_workers: int | None = None, backend="auto", *,
     argv, logs = {}, {}
     for rank in range(num_workers):
         values = worker_values(template, rank, num_workers, processes_per_worker, main_address, main_port,
-                               use_gpu, shares_host)
+                               use_gpu, shares_host, layer_class)
         accelerate_config = render_accelerate_config(template, config.run_dir / LAUNCH / f"accelerate-{rank}.yaml",
                                                      **values)
         argv[rank] = accelerate_argv(accelerate_config, run_json, join_timeout_s)
@@ -458,19 +474,24 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:]) or "(empty log)"
 
 
-def accelerate_config_preview(num_workers: int, processes_per_worker: int | None, backend: str, rank: int,
-                              main_port: int | None = None) -> str:
-    """The accelerate config `launch` would write for one worker's rank, rendered to a scratch file."""
+def accelerate_config_preview(config: RunConfig, num_workers: int, processes_per_worker: int | None, backend: str,
+                              rank: int, main_port: int | None = None) -> str:
+    """The accelerate config `launch` would write for one worker's rank of a run of `config`, rendered to a
+    scratch file."""
     import tempfile
+
+    from lib.models import resolve_base_model
 
     use_gpu = _has_gpu()
     workers = worker_backend(backend) if num_workers > 1 else None
     shares_host = workers is None or workers.shares_host
     processes_per_worker = processes_per_worker or default_processes_per_worker(num_workers, shares_host)
-    template = topology_template(num_workers, processes_per_worker, use_gpu)
+    sharded, layer_class = sharding(config, resolve_base_model(config.base_model), num_workers * processes_per_worker,
+                                    use_gpu)
+    template = topology_template(num_workers, processes_per_worker, use_gpu, sharded)
     values = worker_values(template, rank, num_workers, processes_per_worker,
                            workers.main_address() if workers else "127.0.0.1", main_port_from_env(main_port), use_gpu,
-                           shares_host)
+                           shares_host, layer_class)
     path = render_accelerate_config(template, Path(tempfile.mkdtemp()) / f"accelerate-{rank}.yaml", **values)
     return f"# {template}.yaml rendered for rank {rank}\n" + path.read_text(encoding="utf-8")
 

@@ -317,29 +317,68 @@ def test_cml_backend_needs_this_engines_address(cml_standin, monkeypatch, tmp_pa
 
 # ---- accelerate config templates --------------------------------------------------------------
 
-SHAPES = [(1, 1, False), (1, 2, False), (2, 1, False), (1, 1, True), (1, 2, True), (2, 2, True)]
+SHAPES = [(1, 1, False, False), (1, 2, False, False), (2, 1, False, False), (1, 1, True, False),
+          (1, 2, True, False), (2, 2, True, False), (2, 2, True, True), (1, 2, False, True)]
 
 
 def test_every_template_serves_a_run_shape():
     assert {topology_template(*shape) for shape in SHAPES} == set(accelerate_templates())
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: "workers={}-processes={}-gpu={}".format(*shape))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: "workers={}-processes={}-gpu={}-sharded={}".format(*shape))
 def test_every_template_renders_to_a_config_accelerate_loads(shape, tmp_path):
-    num_workers, processes_per_worker, use_gpu = shape
+    num_workers, processes_per_worker, use_gpu, _ = shape
     template = topology_template(*shape)
     assert (REPO_ROOT / "accelerate_configs" / f"{template}.yaml").read_text().startswith("# ")
     rank = num_workers - 1
     values = worker_values(template, rank, num_workers, processes_per_worker, "10.0.0.5", 29555, use_gpu,
-                           shares_host=True)
+                           shares_host=True, layer_class="LlamaDecoderLayer")
     config = load_config_from_file(str(render_accelerate_config(template, tmp_path / "rendered.yaml", **values)))
     assert config.num_processes == num_workers * processes_per_worker
     assert config.use_cpu is (not use_gpu)
     if num_workers > 1:
         assert (config.machine_rank, config.num_machines, config.main_process_ip, config.main_process_port) == (
             rank, num_workers, "10.0.0.5", 29555)
-    if template == "multi_machine":
+    if template in ("multi_machine", "fsdp") and use_gpu:
         assert config.gpu_ids == "2,3"  # rank 1's two GPUs when workers share a host
+
+
+def test_the_fsdp_config_gives_accelerate_fsdp2_sharding_by_decoder_layer(tmp_path, monkeypatch):
+    """Rendered for one host with two GPUs, read by accelerate launch as it would (the environment it gives
+    each process), and turned into the FSDP plugin the trainer's Accelerator builds from that environment."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    values = worker_values("fsdp", 0, 1, 2, "127.0.0.1", 29500, True, shares_host=True,
+                           layer_class="LlamaDecoderLayer")
+    path = render_accelerate_config("fsdp", tmp_path / "accelerate-0.yaml", **values)
+    config = load_config_from_file(str(path))
+    assert (config.distributed_type, config.num_processes, config.gpu_ids, config.use_cpu) == ("FSDP", 2, "0,1", False)
+    assert config.fsdp_config == {
+        "fsdp_version": 2, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer", "fsdp_reshard_after_forward": True,
+        "fsdp_state_dict_type": "SHARDED_STATE_DICT", "fsdp_cpu_ram_efficient_loading": True,
+        "fsdp_offload_params": False, "fsdp_activation_checkpointing": False}
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", str(path), "x.py"]))
+    environment = prepare_multi_gpu_env(args)
+    assert environment["ACCELERATE_USE_FSDP"] == "true"  # what lib.plan reads in each process: sharded
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert (plugin.fsdp_version, plugin.transformer_cls_names_to_wrap, plugin.reshard_after_forward,
+            plugin.cpu_ram_efficient_loading, plugin.state_dict_type.name) == (
+        2, ["LlamaDecoderLayer"], True, True, "SHARDED_STATE_DICT")
+
+
+def test_the_launch_renders_the_fsdp_template_when_the_plan_shards(tmp_path):
+    from lib.models import resolve_base_model
+
+    model_path = resolve_base_model("embedded")
+    assert launcher.sharding(RunConfig(distributed="fsdp"), model_path, 2, use_gpu=False) == (True, "LlamaDecoderLayer")
+    assert launcher.sharding(RunConfig(distributed="auto"), model_path, 2, use_gpu=False)[0] is False  # CPU: ddp
+    assert launcher.sharding(RunConfig(distributed="fsdp"), model_path, 1, use_gpu=True)[0] is False  # one process
+    assert topology_template(2, 1, True, sharded=True) == "fsdp"
 
 
 def test_rendered_values_stay_values(tmp_path):
