@@ -211,7 +211,7 @@ def worker_values(template: str, rank: int, num_workers: int, processes_per_work
         own_gpus = shares_host and use_gpu
         values["gpu_ids"] = ",".join(map(str, range(first, first + processes_per_worker))) if own_gpus else "all"
     if template == "fsdp":
-        values.update(use_cpu=not use_gpu, layer_class=layer_class)
+        values["layer_class"] = layer_class
     return values
 
 

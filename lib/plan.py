@@ -120,6 +120,9 @@ def decide_sharding(plan: Plan, config, shapes) -> bool:
         return launched
     if plan.processes < 2 or config.distributed == "ddp":
         return False
+    if config.distributed == "fsdp" and not plan.on_gpu:
+        raise ConfigError("distributed", "fsdp", "ddp or auto on CPUs: accelerate shards a model (FSDP) over GPU "
+                                                 "processes only; on CPUs it would train unsharded")
     if config.distributed == "fsdp":
         return True
     return plan.on_gpu and not fits_whole(plan, config, shapes)

@@ -318,7 +318,7 @@ def test_cml_backend_needs_this_engines_address(cml_standin, monkeypatch, tmp_pa
 # ---- accelerate config templates --------------------------------------------------------------
 
 SHAPES = [(1, 1, False, False), (1, 2, False, False), (2, 1, False, False), (1, 1, True, False),
-          (1, 2, True, False), (2, 2, True, False), (2, 2, True, True), (1, 2, False, True)]
+          (1, 2, True, False), (2, 2, True, False), (2, 2, True, True), (1, 2, True, True)]
 
 
 def test_every_template_serves_a_run_shape():
@@ -339,8 +339,8 @@ def test_every_template_renders_to_a_config_accelerate_loads(shape, tmp_path):
     if num_workers > 1:
         assert (config.machine_rank, config.num_machines, config.main_process_ip, config.main_process_port) == (
             rank, num_workers, "10.0.0.5", 29555)
-    if template in ("multi_machine", "fsdp") and use_gpu:
-        assert config.gpu_ids == "2,3"  # rank 1's two GPUs when workers share a host
+    if template in ("multi_machine", "fsdp"):
+        assert config.gpu_ids == ("2,3" if rank == 1 else "0,1")  # this rank's two GPUs when workers share a host
 
 
 def test_the_fsdp_config_gives_accelerate_fsdp2_sharding_by_decoder_layer(tmp_path, monkeypatch):
@@ -375,10 +375,19 @@ def test_the_launch_renders_the_fsdp_template_when_the_plan_shards(tmp_path):
     from lib.models import resolve_base_model
 
     model_path = resolve_base_model("embedded")
-    assert launcher.sharding(RunConfig(distributed="fsdp"), model_path, 2, use_gpu=False) == (True, "LlamaDecoderLayer")
-    assert launcher.sharding(RunConfig(distributed="auto"), model_path, 2, use_gpu=False)[0] is False  # CPU: ddp
-    assert launcher.sharding(RunConfig(distributed="fsdp"), model_path, 1, use_gpu=True)[0] is False  # one process
+    fsdp = RunConfig(distributed="fsdp", memory_budget_gib=100)  # the budget a GPU would give, unknown on this CPU
+    assert launcher.sharding(fsdp, model_path, 2, use_gpu=True) == (True, "LlamaDecoderLayer")
+    assert launcher.sharding(fsdp.replace(distributed="auto"), model_path, 2, use_gpu=True)[0] is False  # fits whole
+    assert launcher.sharding(fsdp, model_path, 1, use_gpu=True)[0] is False  # one process: nothing to shard over
     assert topology_template(2, 1, True, sharded=True) == "fsdp"
+
+
+def test_fsdp_on_cpus_is_refused_before_anything_starts(tmp_path):
+    """accelerate shards over GPU processes only: on CPUs an FSDP config trains plain DDP over gloo (tried: two
+    local processes of the embedded model trained unsharded), so the setting is refused rather than ignored."""
+    with pytest.raises(ConfigError, match="'distributed'.*'fsdp'.*GPU processes only"):
+        launch(RunConfig(**TINY, output_dir=str(tmp_path), distributed="fsdp"), 1, "local", processes_per_worker=2)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_rendered_values_stay_values(tmp_path):
