@@ -27,6 +27,9 @@ QLORA_MAIN_PORT): a fixed port, so that a workspace's network policy can open it
 already taken on this host is an error naming the setting, not a silent move to another port (which the
 policy would block). Each worker runs `processes_per_worker` training processes (default: one per GPU
 visible here, shared out among the workers when they all run on this host; 1 without a GPU).
+Before anything starts the run is planned as its processes will plan it (lib.plan, from the model's
+shapes): when the plan shards the model (distributed=fsdp, or auto for a model that does not fit one GPU
+whole) every worker gets accelerate_configs/fsdp.yaml instead of the data-parallel template.
 Only rank 0 writes the adapter and the run record (lib.fine_tuner). Secrets such as HF_TOKEN stay
 in the environment: nothing here writes them to a file or a command line.
 """
