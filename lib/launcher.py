@@ -50,12 +50,12 @@ from pathlib import Path
 
 from lib import runs
 from lib.config import ConfigError, RunConfig
+from lib.train import GPUS_VARIABLE
 from lib.workers import REPO_ROOT, WorkerResources, start_local, worker_backend
 
 ACCELERATE_CONFIGS = REPO_ROOT / "accelerate_configs"
 WORKERS_VARIABLE = "NUM_GPU_WORKERS"
 PORT_VARIABLE, DEFAULT_MAIN_PORT = "QLORA_MAIN_PORT", 29500  # rank 0's rendezvous port: open it to the workers
-GPUS_VARIABLE = "QLORA_GPUS"     # read by lib.train: the GPUs one `python -m lib.train` may use (see there)
 LAUNCH, LOGS = "launch", "logs"  # run-folder subfolders: what every process reads; what every worker printed
 ATTEMPT_PREFIX = "attempt-"      # logs/attempt-<N>/: one folder per launch of the run
 POLL_S = 0.5                     # how often the workers' states are checked

@@ -27,6 +27,8 @@ from pathlib import Path
 from lib import runs
 from lib.config import RECIPE_DEVICES, TASK_NAMES, ConfigError, RunConfig, parse_overrides, task_recipe
 
+GPUS_VARIABLE = "QLORA_GPUS"  # the GPUs one `python -m lib.train` trains on: "auto" (all it sees) or a number
+
 
 def parse_config(argv: list[str] | None = None) -> tuple[RunConfig, bool]:
     parser = argparse.ArgumentParser(prog="python -m lib.train", description=__doc__.split("\n")[0])
@@ -49,9 +51,6 @@ def parse_config(argv: list[str] | None = None) -> tuple[RunConfig, bool]:
         recipe = task_recipe(task, args.recipe) if task in TASK_NAMES else {}  # validate() names a bad task
         values = {**recipe, **values}
     return RunConfig.from_dict(values), args.evaluate
-
-
-GPUS_VARIABLE = "QLORA_GPUS"  # the GPUs one `python -m lib.train` trains on: "auto" (all it sees) or a number
 
 
 def training_processes(gpus: str | int | None = None) -> int:
