@@ -26,6 +26,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 ATTENTIONS = ("auto", "varlen", "sdpa", "eager")
 OPTIMIZERS = ("auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit")
 SWITCHES = ("auto", "on", "off")
+DISTRIBUTED = ("auto", "ddp", "fsdp")
 AUTO_OR_NUMBER = ("micro_batch_size", "memory_budget_gib", "cpu_threads")  # "auto" or a number, which text may spell ("4")
 NAME_MAX_BYTES = 255  # longest file or folder name, in bytes, on common file systems (ext4, xfs, APFS)
 
@@ -90,6 +91,8 @@ class RunConfig:
     optimizer: str = "auto"               # auto (fused AdamW on GPU, AdamW on CPU) or one of OPTIMIZERS
     liger_kernel: str = "auto"            # auto (on with CUDA + liger-kernel) | on | off: fused norm/RoPE/SwiGLU
     max_grad_norm: float = 0.3            # gradient clipping, as in the QLoRA paper
+    distributed: str = "auto"             # several processes: ddp (each holds the whole model) | fsdp (weights sharded
+                                          # over them) | auto (fsdp on GPUs when the model does not fit one whole)
     logging_steps: int = 5                # record the loss every N steps
     save_steps: int = 50                  # write a resumable checkpoint every N steps
     # where results go
@@ -200,6 +203,7 @@ class RunConfig:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("liger_kernel", self.liger_kernel, SWITCHES)
         _check_choice("tracking", self.tracking, SWITCHES)
+        _check_choice("distributed", self.distributed, DISTRIBUTED)
         _check_targets(self.target_modules)
         _check_path("output_dir", self.output_dir)
         _check_run_name(self.run_name)

@@ -94,7 +94,7 @@ class FineTuner:
         self._check_memory(shapes)
         self.space_needed = self._check_free_space(memory.trainable_parameters(shapes, config.lora_r, self.target_modules))
         model = load_base_model(self.model_path, config.load_in_4bit, attention=self.plan.attention,
-                                precision=self.plan.precision)
+                                precision=self.plan.precision, sharded=self.plan.sharded)
         self.quantization_config = getattr(model.config, "quantization_config", None)  # BitsAndBytesConfig or None
         self.lora_config = self._lora_config()
         self.trainer = self._build_trainer(model)
@@ -167,7 +167,9 @@ class FineTuner:
         from trl import SFTTrainer
 
         rows = to_prompt_completion(self.train_rows, self.format) if self.train_dataset is None else self.train_dataset
-        trainer = SFTTrainer(model=model, args=self._training_args(), train_dataset=Dataset.from_list(rows),
+        args = self._training_args()
+        use_one_gpu(args)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=self.tokenizer, peft_config=self.lora_config)
         if trainer.args.fp16:  # fp16 loss scaling unscales fp32 gradients only; TRL casts 4-bit adapters to bf16
             for parameter in trainer.model.parameters():
@@ -252,8 +254,9 @@ class FineTuner:
                 raise TrainingStopped(stop.signal_name, stop.stopped_at, runs.last_checkpoint(self.config.run_dir))
             wall_s = time.perf_counter() - started
             record = self._run_record(output.metrics, wall_s, resume_from)
+            adapter_weights = self._gathered_adapter()  # every process takes part when the adapter is sharded
             if self.trainer.is_world_process_zero():
-                self._save_adapter(record)
+                self._save_adapter(record, adapter_weights)
                 tracking.log_results(self.config, record=record)
             self.trainer.accelerator.wait_for_everyone()
         except Exception as error:
@@ -269,11 +272,22 @@ class FineTuner:
         run_dir = self.config.run_dir
         return TrainResult(run_dir=run_dir, adapter_dir=run_dir / runs.ADAPTER, record=record)
 
-    def _save_adapter(self, record: dict) -> None:
+    def _gathered_adapter(self) -> dict | None:
+        """Under FSDP each process holds a shard of the adapter: its whole weights, gathered on rank 0's CPU
+        (a collective call: every process makes it). Trainable weights only, so the sharded 4-bit base is not
+        gathered. None without sharding: save_pretrained reads the weights from the model."""
+        if not self.plan.sharded:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        return get_model_state_dict(self.trainer.model_wrapped, options=options)
+
+    def _save_adapter(self, record: dict, adapter_weights: dict | None = None) -> None:
         """Write the adapter into a staging folder, then rename it into place: complete or absent."""
         run_dir = self.config.run_dir
         staging = run_dir / f"{runs.STAGING_PREFIX}{time.time_ns()}-{runs.ADAPTER}"
-        self.trainer.model.save_pretrained(staging)
+        self.trainer.model.save_pretrained(staging, state_dict=adapter_weights)
         self.tokenizer.save_pretrained(staging)
         runs.write_json_atomic(staging / runs.RUN_RECORD, record)
         runs.publish_dir(staging, run_dir / runs.ADAPTER)
@@ -345,6 +359,16 @@ class ReleaseFreedMemory(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         memory.release_freed_memory()
+
+
+def use_one_gpu(args) -> None:
+    """A process outside a distributed launch that sees several GPUs (a notebook, `python -m lib.train --gpus 1`)
+    trains on the first: the Trainer would otherwise wrap the model in DataParallel, which TRL refuses and which
+    was slower than one GPU (DESIGN.md). `python -m lib.train` and lib.launcher start one process per GPU."""
+    if args.n_gpu > 1:
+        print(f"{args.n_gpu} GPUs visible to this one process: training on the first only (one process per GPU: "
+              "python -m lib.train or lib.launcher)", flush=True)
+        args._n_gpu = 1  # what the Trainer itself sets for a model placed across several GPUs
 
 
 def warmup_share(ratio: float) -> float:

@@ -3,9 +3,11 @@
 From a notebook or a job:
     from lib.launcher import launch
     result = launch(RunConfig(task="sql", max_steps=50), num_workers=2)  # None: NUM_GPU_WORKERS from the environment
+    result = launch(config, 2, "cml", main_port=29500, resources=WorkerResources(cpu=8, memory_gib=64))
     result.adapter_dir, result.record["world_size"], result.logs[1]
 From a shell (same settings as lib.train, plus the launch's own):
     NUM_GPU_WORKERS=2 python -m lib.launcher --task sql --set max_steps=50 [--backend local] [--evaluate]
+    QLORA_MAIN_PORT=29400 QLORA_WORKER_GPUS=2 python -m lib.launcher --workers 2 --task sql
 
 What happens: the config gets its run name and is validated, with the run folder and the base
 model, before anything starts. Every process reads one config file,
@@ -15,9 +17,19 @@ port, number of machines and processes) and runs
 `python -m accelerate.commands.launch --config_file <it> -m lib.train --config <run.json>`.
 Rank 0 runs here; the others run through a worker backend (lib.workers): CML Workers when
 `cml.workers_v1` (or `cdsw`) imports, else separate process trees on this host, each its own
-machine rank over 127.0.0.1. Each worker's output goes to `<run_dir>/logs/worker-<rank>.log`
-(rank 0's is echoed here too). If a worker fails, or the workers do not meet within
-`join_timeout_s`, every worker is stopped and LaunchError names the rank and shows its log's end.
+machine rank over 127.0.0.1. Each worker's output goes to `<run_dir>/logs/attempt-<N>/worker-<rank>.log`,
+N counting the launches of the run from 1, so a relaunch (to resume a stopped or failed run) keeps the
+logs of the attempts before it (rank 0's is echoed here too). If a worker fails, or the workers do not
+meet within `join_timeout_s`, every worker is stopped and LaunchError names the rank and shows its log's end.
+
+Rank 0 hosts the rendezvous on `main_port` (default 29500, torch's and accelerate's customary port; or
+QLORA_MAIN_PORT): a fixed port, so that a workspace's network policy can open it to the workers. A port
+already taken on this host is an error naming the setting, not a silent move to another port (which the
+policy would block). Each worker runs `processes_per_worker` training processes (default: one per GPU
+visible here, shared out among the workers when they all run on this host; 1 without a GPU).
+Before anything starts the run is planned as its processes will plan it (lib.plan, from the model's
+shapes): when the plan shards the model (distributed=fsdp, or auto for a model that does not fit one GPU
+whole) every worker gets accelerate_configs/fsdp.yaml instead of the data-parallel template.
 Only rank 0 writes the adapter and the run record (lib.fine_tuner). Secrets such as HF_TOKEN stay
 in the environment: nothing here writes them to a file or a command line.
 """
@@ -38,11 +50,14 @@ from pathlib import Path
 
 from lib import runs
 from lib.config import ConfigError, RunConfig
-from lib.workers import REPO_ROOT, start_local, worker_backend
+from lib.train import GPUS_VARIABLE
+from lib.workers import REPO_ROOT, WorkerResources, start_local, worker_backend
 
 ACCELERATE_CONFIGS = REPO_ROOT / "accelerate_configs"
 WORKERS_VARIABLE = "NUM_GPU_WORKERS"
+PORT_VARIABLE, DEFAULT_MAIN_PORT = "QLORA_MAIN_PORT", 29500  # rank 0's rendezvous port: open it to the workers
 LAUNCH, LOGS = "launch", "logs"  # run-folder subfolders: what every process reads; what every worker printed
+ATTEMPT_PREFIX = "attempt-"      # logs/attempt-<N>/: one folder per launch of the run
 POLL_S = 0.5                     # how often the workers' states are checked
 STOP_TIMEOUT_S = 120             # after a stop signal: how long the workers may take to save a checkpoint and end
 LOG_TAIL_LINES = 40              # lines of a failed worker's log shown in LaunchError
@@ -53,7 +68,7 @@ class LaunchResult:
     run_dir: Path
     adapter_dir: Path
     record: dict               # the run record rank 0 wrote (world_size, rank_shares, metrics, ...)
-    logs: dict[int, Path]      # rank -> that worker's log
+    logs: dict[int, Path]      # rank -> that worker's log of this attempt (logs/attempt-<N>/worker-<rank>.log)
 
 
 class LaunchError(RuntimeError):
@@ -111,6 +126,42 @@ def workers_from_env(value: str | None = None) -> int:
     return int(text)
 
 
+def main_port_from_env(value=None) -> int:
+    """Rank 0's rendezvous port: `value` (a launch's main_port), else QLORA_MAIN_PORT, else 29500."""
+    setting = "main_port"
+    if value is None and os.environ.get(PORT_VARIABLE, "").strip():
+        value, setting = os.environ[PORT_VARIABLE], PORT_VARIABLE
+    if value is None:
+        return DEFAULT_MAIN_PORT
+    text = str(value).strip() if isinstance(value, (int, str)) and not isinstance(value, bool) else ""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ConfigError(setting, value, f"a TCP port number from 1 to 65535 (default {DEFAULT_MAIN_PORT})")
+    return int(text)
+
+
+def check_port_free(port: int) -> None:
+    """Refuse a rendezvous port that something on this host already listens on (another run, say), before
+    any worker starts. SO_REUSEADDR as torch's store sets it: a port a finished run left in TIME_WAIT is free."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", port))
+        except OSError as error:
+            raise ConfigError("main_port", port, f"a port free on this host ({error.strerror}: another run or program "
+                                                 f"listens there); pass main_port= or set {PORT_VARIABLE} to a free "
+                                                 "port that the workers may reach") from None
+
+
+def default_processes_per_worker(num_workers: int, shares_host: bool) -> int:
+    """One training process per GPU visible here, shared out among the workers when they all run on this host
+    (CML Workers get as many GPUs as rank 0 has); 1 without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 1
+    return max(1, torch.cuda.device_count() // (num_workers if shares_host else 1))
+
+
 # ---- accelerate configs ---------------------------------------------------------------------------
 
 def accelerate_templates() -> list[str]:
@@ -137,29 +188,44 @@ def render_accelerate_config(template: str, path, **values) -> Path:
     return path
 
 
-def topology_template(num_workers: int, processes_per_worker: int, use_gpu: bool) -> str:
-    """The accelerate_configs/ template for a run's shape."""
+def topology_template(num_workers: int, processes_per_worker: int, use_gpu: bool, sharded: bool = False) -> str:
+    """The accelerate_configs/ template for a run's shape; sharded: the plan shards the model (FSDP)."""
     if num_workers * processes_per_worker == 1:
         return "single_process"
+    if sharded:
+        return "fsdp"
     if not use_gpu:
         return "multi_cpu"
     return "multi_gpu" if num_workers == 1 else "multi_machine"
 
 
 def worker_values(template: str, rank: int, num_workers: int, processes_per_worker: int, main_address: str,
-                  main_port: int, use_gpu: bool, shares_host: bool) -> dict:
+                  main_port: int, use_gpu: bool, shares_host: bool, layer_class: str = "") -> dict:
     """The values of worker `rank`'s accelerate config. shares_host: all workers run on this host, so
-    each gets its own GPUs."""
+    each gets its own GPUs. layer_class: the decoder layer FSDP wraps (fsdp only)."""
     if template == "single_process":
         return {"use_cpu": not use_gpu}
     if template == "multi_gpu":
         return {"num_processes": processes_per_worker, "main_process_port": main_port}
     values = {"machine_rank": rank, "num_machines": num_workers, "num_processes": num_workers * processes_per_worker,
               "main_process_ip": main_address, "main_process_port": main_port}
-    if template == "multi_machine":
+    if template in ("multi_machine", "fsdp"):
         first = rank * processes_per_worker
-        values["gpu_ids"] = ",".join(map(str, range(first, first + processes_per_worker))) if shares_host else "all"
+        own_gpus = shares_host and use_gpu
+        values["gpu_ids"] = ",".join(map(str, range(first, first + processes_per_worker))) if own_gpus else "all"
+    if template == "fsdp":
+        values["layer_class"] = layer_class
     return values
+
+
+def sharding(config: RunConfig, model_path: str, processes: int, use_gpu: bool) -> tuple[bool, str]:
+    """Whether the run's processes will shard the model (lib.plan decides it here as they would, from the
+    model's shapes, without loading a weight), and the decoder layer class FSDP wraps."""
+    from lib.memory import read_shapes
+    from lib.plan import decide
+
+    shapes = read_shapes(model_path)
+    return decide(config, shapes, on_gpu=use_gpu, processes=processes).sharded, shapes.layer_class
 
 
 def accelerate_argv(accelerate_config: Path, run_json: Path, join_timeout_s: float) -> list[str]:
@@ -172,38 +238,48 @@ def accelerate_argv(accelerate_config: Path, run_json: Path, join_timeout_s: flo
 # ---- the launch ---------------------------------------------------------------------------------
 
 def launch(config: RunConfig, num_workers: int | None = None, backend="auto", *, join_timeout_s: float = 300,
-           processes_per_worker: int = 1, echo: bool = True) -> LaunchResult:
+           processes_per_worker: int | None = None, main_port: int | None = None,
+           resources: WorkerResources | dict | None = None, echo: bool = True) -> LaunchResult:
     """Train `config` on `num_workers` workers of `processes_per_worker` processes each (one per GPU).
 
     backend: "auto", "local", "cml", or a backend object (lib.workers). join_timeout_s: how long
-    the workers may take to meet, and to finish once one has finished. echo: copy rank 0's log here.
+    the workers may take to meet, and to finish once one has finished. processes_per_worker: None, one
+    per GPU visible here. main_port: rank 0's rendezvous port (None: QLORA_MAIN_PORT, else 29500).
+    resources: what each CML Worker gets (lib.workers.WorkerResources; unset: QLORA_WORKER_* variables).
+    echo: copy rank 0's log here.
     """
     num_workers = workers_from_env() if num_workers is None else _count("num_workers", num_workers)
-    _count("processes_per_worker", processes_per_worker)
+    if processes_per_worker is not None:
+        _count("processes_per_worker", processes_per_worker)
     if isinstance(join_timeout_s, bool) or not isinstance(join_timeout_s, (int, float)) or not join_timeout_s >= 1:
         raise ConfigError("join_timeout_s", join_timeout_s, "a number of seconds, 1 or more")
+    main_port = main_port_from_env(main_port)
     config = _with_absolute_paths(config.validate().with_run_name()).validate()
     runs.check_run_dir(config)
     from lib.models import resolve_base_model
 
-    resolve_base_model(config.base_model)  # fails offline for a Hub id; converts the embedded model once, not per rank
-    workers_backend = worker_backend(backend)
+    model_path = resolve_base_model(config.base_model)  # fails offline for a Hub id; converts the embedded model once
+    workers_backend = worker_backend(backend, resources)
     main_address = workers_backend.main_address() if num_workers > 1 else "127.0.0.1"
     use_gpu, shares_host = _has_gpu(), workers_backend.shares_host
-    template = topology_template(num_workers, processes_per_worker, use_gpu)
+    processes_per_worker = processes_per_worker or default_processes_per_worker(num_workers, shares_host)
+    sharded, layer_class = sharding(config, model_path, num_workers * processes_per_worker, use_gpu)
+    template = topology_template(num_workers, processes_per_worker, use_gpu, sharded)
+    if template != "single_process":
+        check_port_free(main_port)
 
     run_json = write_run_config(config)
-    main_port = free_port()
+    attempt_dir = new_attempt_dir(config.run_dir)
     argv, logs = {}, {}
     for rank in range(num_workers):
         values = worker_values(template, rank, num_workers, processes_per_worker, main_address, main_port,
-                               use_gpu, shares_host)
+                               use_gpu, shares_host, layer_class)
         accelerate_config = render_accelerate_config(template, config.run_dir / LAUNCH / f"accelerate-{rank}.yaml",
                                                      **values)
         argv[rank] = accelerate_argv(accelerate_config, run_json, join_timeout_s)
-        logs[rank] = new_log(config.run_dir / LOGS / f"worker-{rank}.log")
+        logs[rank] = new_log(attempt_dir / f"worker-{rank}.log")
     print(f"launching {num_workers} worker(s) x {processes_per_worker} process(es) with {template}.yaml "
-          f"({workers_backend.name} backend); logs in {config.run_dir / LOGS}", flush=True)
+          f"({workers_backend.name} backend, rendezvous port {main_port}); logs in {attempt_dir}", flush=True)
     gpus = processes_per_worker if use_gpu else 0
     with StopRequest() as stop:
         failure = run_workers(workers_backend, argv, logs, gpus, join_timeout_s, echo,
@@ -239,6 +315,17 @@ def write_run_config(config: RunConfig) -> Path:
     run_json.parent.mkdir(parents=True, exist_ok=True)
     config.to_json(run_json)
     return run_json
+
+
+def new_attempt_dir(run_dir: Path) -> Path:
+    """`<run_dir>/logs/attempt-<N>/`, N one more than the run's last attempt (1 for its first launch): a
+    relaunch keeps the logs of the attempts before it."""
+    folder = run_dir / LOGS
+    numbers = [int(path.name[len(ATTEMPT_PREFIX):]) for path in folder.glob(f"{ATTEMPT_PREFIX}*")
+               if path.name[len(ATTEMPT_PREFIX):].isdigit()]
+    attempt_dir = folder / f"{ATTEMPT_PREFIX}{max(numbers, default=0) + 1}"
+    attempt_dir.mkdir(parents=True, exist_ok=True)
+    return attempt_dir
 
 
 def new_log(path: Path) -> Path:
@@ -285,7 +372,7 @@ def _has_gpu() -> bool:
 
 
 def free_port() -> int:
-    """A TCP port free on this host now, for rank 0's rendezvous."""
+    """A TCP port free on this host now: for tests that launch in parallel (main_port=free_port())."""
     with socket.socket() as probe:
         probe.bind(("", 0))
         return probe.getsockname()[1]
@@ -294,10 +381,11 @@ def free_port() -> int:
 def _local_env(host_processes: int) -> dict[str, str]:
     """Additions to the environment of processes started on this host: CPU threads and the CPU memory budget
     shared out among the run's processes here (threads unless OMP_NUM_THREADS is set already), unbuffered
-    output for the logs."""
+    output for the logs, and one GPU per training process (a single-process worker seeing several GPUs uses
+    the first, and does not start processes of its own: lib.train)."""
     from lib.memory import HOST_PROCESSES_VARIABLE
 
-    env = {"PYTHONUNBUFFERED": "1", HOST_PROCESSES_VARIABLE: str(host_processes)}  # each shares the CPU budget
+    env = {"PYTHONUNBUFFERED": "1", GPUS_VARIABLE: "1", HOST_PROCESSES_VARIABLE: str(host_processes)}
     if "OMP_NUM_THREADS" not in os.environ:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         env["OMP_NUM_THREADS"] = str(max(1, cores // host_processes))
@@ -391,19 +479,24 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:]) or "(empty log)"
 
 
-def accelerate_config_preview(num_workers: int, processes_per_worker: int, backend: str, rank: int) -> str:
-    """The accelerate config `launch` would write for one worker's rank, rendered to a scratch file."""
+def accelerate_config_preview(config: RunConfig, num_workers: int, processes_per_worker: int | None, backend: str,
+                              rank: int, main_port: int | None = None) -> str:
+    """The accelerate config `launch` would write for one worker's rank of a run of `config`, rendered to a
+    scratch file."""
     import tempfile
 
-    import torch
+    from lib.models import resolve_base_model
 
-
-    use_gpu = torch.cuda.is_available()
+    use_gpu = _has_gpu()
     workers = worker_backend(backend) if num_workers > 1 else None
-    template = topology_template(num_workers, processes_per_worker, use_gpu)
+    shares_host = workers is None or workers.shares_host
+    processes_per_worker = processes_per_worker or default_processes_per_worker(num_workers, shares_host)
+    sharded, layer_class = sharding(config, resolve_base_model(config.base_model), num_workers * processes_per_worker,
+                                    use_gpu)
+    template = topology_template(num_workers, processes_per_worker, use_gpu, sharded)
     values = worker_values(template, rank, num_workers, processes_per_worker,
-                           workers.main_address() if workers else "127.0.0.1", free_port(), use_gpu,
-                           workers is None or workers.shares_host)
+                           workers.main_address() if workers else "127.0.0.1", main_port_from_env(main_port), use_gpu,
+                           shares_host, layer_class)
     path = render_accelerate_config(template, Path(tempfile.mkdtemp()) / f"accelerate-{rank}.yaml", **values)
     return f"# {template}.yaml rendered for rank {rank}\n" + path.read_text(encoding="utf-8")
 
@@ -415,14 +508,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lib.launcher", description=__doc__.split("\n")[0],
                                      epilog="Other arguments are those of python -m lib.train.")
     parser.add_argument("--workers", help=f"number of workers (default: ${WORKERS_VARIABLE})")
-    parser.add_argument("--processes-per-worker", type=int, default=1, help="one per GPU of a worker")
+    parser.add_argument("--processes-per-worker", type=int, help="one per GPU of a worker (default: the GPUs seen here)")
     parser.add_argument("--backend", default="auto", choices=("auto", "local", "cml"))
     parser.add_argument("--join-timeout", type=float, default=300, help="seconds the workers may take to meet")
+    parser.add_argument("--main-port", help=f"rank 0's rendezvous port (default: ${PORT_VARIABLE}, else {DEFAULT_MAIN_PORT})")
     args, rest = parser.parse_known_args(argv)
     try:
         config, evaluate = parse_config(rest)
         result = launch(config, workers_from_env(args.workers), args.backend, join_timeout_s=args.join_timeout,
-                        processes_per_worker=args.processes_per_worker)
+                        processes_per_worker=args.processes_per_worker, main_port=args.main_port)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -19,10 +19,13 @@ weights (embeddings, norms); P_l the LoRA weights:
 
     base weights      4-bit: P_q * (0.5 + 1/64 + 4/(64*256)) + P_o * d      else (P_q + P_o) * d
                       (NF4 is half a byte a weight; double quantization keeps one 8-bit scale per block of
-                      64 weights and one fp32 scale per 256 of those)
-    LoRA weights      P_l * 4            (fp32)
-    gradients         P_l * 4            (only the adapters get gradients)
-    optimizer state   P_l * 8            (AdamW: two fp32 moments; 8-bit AdamW: P_l * 2)
+                      64 weights and one fp32 scale per 256 of those; stored in the compute dtype under FSDP,
+                      the same bytes)
+                      sharded (FSDP, N processes): the above / N, plus two decoder layers' base weights gathered
+                      whole at once (the layer computing and the next one, which FSDP prefetches)
+    LoRA weights      P_l * 4            (fp32)                                  sharded: / N
+    gradients         P_l * 4            (only the adapters get gradients)       sharded: / N
+    optimizer state   P_l * 8            (AdamW: two fp32 moments; 8-bit AdamW: P_l * 2)   sharded: / N
     activations       what backward needs, a = values kept per token and layer:
                         a = (4H + 2K  attention: normed input, queries, keys, values, attention output
                              + 2H     the two norms' inputs (4H without Liger: HF's RMSNorm keeps fp32 copies)
@@ -42,6 +45,8 @@ weights (embeddings, norms); P_l the LoRA weights:
     loss              TRL's chunked LM head: one min(T, 4096) x min(V, 32768) logits tile in d bytes, and the
                       fp32 gradient of the last hidden state, T * H * 4. Full logits are never built. On a CPU
                       (no Triton) TRL's torch fallback holds about five fp32 copies of the tile besides.
+Activations, attention scores and the loss are each process's own: sharding does not divide them. (The
+adapters' gathered layers in flight are a few MiB, left out.)
 
 Process peak (what a run record's `peak_memory_gib` reads). On a GPU that is the allocated tensors, so the
 estimate above. On a CPU it is the process's peak resident memory (ru_maxrss): the interpreter, the libraries,
@@ -66,6 +71,7 @@ LOSS_TOKEN_TILE, LOSS_VOCAB_TILE = 4096, 32768     # TRL's chunked log-prob tile
 CPU_TILE_TEMPORARIES = 5                           # fp32 copies of a tile TRL's torch fallback holds at once
 GPU_BUDGET_SHARE, CPU_BUDGET_SHARE = 0.8, 0.75     # memory_budget_gib "auto"
 HOST_PROCESSES_VARIABLE = "QLORA_HOST_PROCESSES"   # training processes on this host, set by lib.launcher
+GATHERED_LAYERS = 2  # FSDP: decoder layers whose weights are whole at once (computing, and the next prefetched)
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,7 @@ class ModelShapes:
     keeps_examples_apart: bool = True         # attention reads position_ids: packing is padding-free
     flash_capable: bool = True                # runs on transformers' attention functions (varlen/SDPA)
     varlen_capable: bool = True               # ... and has no sliding window: can run lib.attention's varlen
+    layer_class: str = ""                     # the decoder layer's class (LlamaDecoderLayer): FSDP wraps each one
 
     @property
     def linear_paths(self) -> list[str]:
@@ -128,6 +135,7 @@ def read_shapes(model_path: str) -> ModelShapes:
         keeps_examples_apart=keeps_packed_examples_apart(model),
         flash_capable=bool(getattr(model, "_supports_attention_backend", False)),
         varlen_capable=suits(model),
+        layer_class=",".join(getattr(model, "_no_split_modules", None) or []),
     )
 
 
@@ -170,6 +178,9 @@ def training_memory(shapes: ModelShapes, config, plan, micro_batch: int | None =
     lora = sum(config.lora_r * (inp + out) for _, out, inp in targeted)
     quantized, other = shapes.linear_parameters, shapes.total_parameters - shapes.linear_parameters
     base = quantized * NF4_BYTES + other * d if config.load_in_4bit else shapes.total_parameters * d
+    shards = plan.processes if plan.sharded else 1
+    if plan.sharded:  # each process keeps 1/N of the weights, and gathers whole layers as it computes them
+        base = base / shards + GATHERED_LAYERS * (quantized / L) * (NF4_BYTES if config.load_in_4bit else d)
 
     tokens = micro_batch * plan.row_length(config)
     mlp = (3 if plan.liger else 4) * I if shapes.gated_mlp else 2 * I
@@ -193,9 +204,9 @@ def training_memory(shapes: ModelShapes, config, plan, micro_batch: int | None =
     loss = tile * (d if plan.on_gpu else d + CPU_TILE_TEMPORARIES * 4) + tokens * H * 4
     return {
         "base weights": base,
-        "LoRA weights": lora * LORA_BYTES,
-        "gradients": lora * LORA_BYTES,
-        "optimizer state": lora * ADAM_BYTES.get(config.optimizer, 8),
+        "LoRA weights": lora * LORA_BYTES / shards,
+        "gradients": lora * LORA_BYTES / shards,
+        "optimizer state": lora * ADAM_BYTES.get(config.optimizer, 8) / shards,
         "activations": activations,
         "attention scores": scores,
         "loss": loss,

@@ -151,15 +151,18 @@ def _in_hub_cache(repo_id: str) -> bool:
                                                  f"({error})") from None
 
 
-def quantization_config(load_in_4bit: bool, precision: str = "auto"):
+def quantization_config(load_in_4bit: bool, precision: str = "auto", sharded: bool = False):
     """The QLoRA recipe: NF4 weights, double quantization of the scales, compute in `precision`
-    (a name; "auto" as lib.plan resolves it on this machine)."""
+    (a name; "auto" as lib.plan resolves it on this machine). sharded (FSDP): the packed 4-bit weights are
+    stored in the compute dtype rather than uint8 (the same bytes), since FSDP shards floating-point
+    parameters only and keeps one dtype per group; accelerate leaves uint8 ones unsharded, whole on every GPU."""
     if not load_in_4bit:
         return None
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch_dtype(precision))
+    storage = {"bnb_4bit_quant_storage": torch_dtype(precision)} if sharded else {}
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch_dtype(precision), **storage)
 
 
 def load_tokenizer(model_path: str):
@@ -173,14 +176,15 @@ def load_tokenizer(model_path: str):
 
 
 def load_base_model(model_path: str, load_in_4bit: bool, device_map=None, attention: str | None = None,
-                    precision: str = "auto"):
+                    precision: str = "auto", sharded: bool = False):
     """The base model, 4-bit quantized when asked, on `device_map` (default: this process's device), computing
     in `precision` with the attention implementation `attention` (as lib.plan decided them for training;
-    None: the model's own default, for inference)."""
+    None: the model's own default, for inference); sharded: for FSDP (quantization_config)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=torch_dtype(precision), quantization_config=quantization_config(load_in_4bit, precision),
+        model_path, dtype=torch_dtype(precision),
+        quantization_config=quantization_config(load_in_4bit, precision, sharded),
         device_map=device_map or {"": process_device()},
         attn_implementation=None if attention == VARLEN else attention,
     )

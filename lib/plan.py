@@ -1,7 +1,7 @@
 """The runtime plan: every "auto" setting decided once, from the config, the model's shapes and the device.
 
     plan = decide(config, shapes)       # precision, attention, optimizer, checkpointing, Liger, packing,
-                                        # micro-batch and accumulation, processes
+                                        # micro-batch and accumulation, processes, sharding
     plan.to_dict()                      # what the run record keeps under "plan"
 
 Model loading (lib.models.load_base_model) and the trainer's arguments (lib.fine_tuner) read the plan;
@@ -19,6 +19,9 @@ the memory estimate (lib.memory) reads it too. Nothing else decides an "auto".
 | micro_batch_size           | the largest divisor of batch_size whose estimate fits memory_budget_gib       |
 | cpu_threads (CPU only)     | this process's share of the cores (OMP_NUM_THREADS, else cores / processes   |
 |                            | on this host), less the cores other programs keep busy when training starts   |
+| distributed                | fsdp (weights sharded over the processes) on GPUs, with several processes,    |
+|                            | when one sequence a pass with the whole model does not fit memory_budget_gib; |
+|                            | else ddp. A process of a launch follows its accelerate config (FSDP or not)   |
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class Plan:
     liger: bool                 # Liger's fused kernels
     packed: bool                # padding-free packing: a micro-batch is one row
     processes: int = 1          # processes training together (WORLD_SIZE)
+    sharded: bool = False       # FSDP: base weights, adapters, gradients and optimizer state divided among them
     longest_example: int | None = None  # tokens of the longest training example, when known: unpacked rows
                                         # are padded to their batch's longest, not to max_seq_length
     micro_batch_size: int | None = None  # sequences per forward pass, and passes per optimizer step
@@ -80,9 +84,11 @@ class Plan:
         return dataclasses.asdict(self)
 
 
-def decide(config, shapes, on_gpu: bool | None = None, longest_example: int | None = None) -> Plan:
+def decide(config, shapes, on_gpu: bool | None = None, longest_example: int | None = None,
+           processes: int | None = None) -> Plan:
     """The plan for `config` on the model of `shapes` (lib.memory.read_shapes), on this machine's device
-    (`on_gpu` overrides it for estimates of a GPU run made elsewhere), with the micro-batch fitted."""
+    (`on_gpu` overrides it for estimates of a GPU run made elsewhere) and `processes` (default WORLD_SIZE; the
+    launcher plans a run before starting it), sharded or not, with the micro-batch fitted."""
     import torch
 
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
@@ -95,10 +101,47 @@ def decide(config, shapes, on_gpu: bool | None = None, longest_example: int | No
         checkpointing=bool(on_gpu if config.gradient_checkpointing == "auto" else config.gradient_checkpointing),
         liger=liger_enabled(config.liger_kernel, on_gpu),
         packed=bool(config.packing and shapes.keeps_examples_apart),
-        processes=max(int(os.environ.get("WORLD_SIZE", 1)), 1),
+        processes=processes or max(int(os.environ.get("WORLD_SIZE", 1)), 1),
         longest_example=longest_example or None,
     )
+    plan = dataclasses.replace(plan, sharded=decide_sharding(plan, config, shapes))
     return fit_micro_batch(plan, config, shapes)
+
+
+def decide_sharding(plan: Plan, config, shapes) -> bool:
+    """Whether the processes shard the model (FSDP). A process of a launch follows its accelerate config
+    (accelerate sets ACCELERATE_USE_FSDP), which must agree with `distributed`; otherwise (the launcher planning
+    a run) `distributed` decides: "auto" shards on GPUs, with several processes, when one sequence a pass
+    with the whole model on each GPU does not fit the memory budget."""
+    if "WORLD_SIZE" in os.environ and plan.processes > 1:
+        launched = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        if config.distributed != "auto" and launched != (config.distributed == "fsdp"):
+            raise ConfigError("distributed", config.distributed,
+                              f"{'fsdp or auto' if launched else 'ddp or auto'}: this process was launched with "
+                              f"{'an FSDP' if launched else 'a DDP'} accelerate config (lib.launcher renders "
+                              "accelerate_configs/fsdp.yaml for distributed=fsdp)")
+        return launched
+    if plan.processes < 2 or config.distributed == "ddp":
+        return False
+    if config.distributed == "fsdp" and not plan.on_gpu:
+        raise ConfigError("distributed", "fsdp", "ddp or auto on CPUs: accelerate shards a model (FSDP) over GPU "
+                                                 "processes only; on CPUs it would train unsharded")
+    if config.distributed == "fsdp":
+        return True
+    return plan.on_gpu and not fits_whole(plan, config, shapes)
+
+
+def fits_whole(plan: Plan, config, shapes) -> bool:
+    """Whether one sequence a pass fits the memory budget with the whole model in every process (True when
+    the budget is unknown: a GPU estimate made without a GPU and without memory_budget_gib)."""
+    import torch
+
+    from lib import memory
+
+    if plan.on_gpu and not torch.cuda.is_available() and config.memory_budget_gib == "auto":
+        return True
+    whole = dataclasses.replace(plan, sharded=False)
+    return sum(memory.training_memory(shapes, config, whole, 1).values()) <= memory.budget_bytes(config, whole)
 
 
 def fit_micro_batch(plan: Plan, config, shapes) -> Plan:

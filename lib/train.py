@@ -4,7 +4,11 @@ One process (CPU or one GPU), the task's recipe for this device (the GPU recipe 
 the CPU recipe otherwise; --recipe picks one) with overrides:
     python -m lib.train --task sql --set max_steps=20
     python -m lib.train --task sql --set data=train.jsonl --set eval_data=dev.jsonl --evaluate
-Several processes, one per GPU (or gloo on CPU):
+On a host with several GPUs the same command trains with one process per GPU: it launches itself
+through lib.launcher (accelerate launch, the multi_gpu template, one worker of N processes); --gpus 1
+(or QLORA_GPUS=1) keeps one process on the first GPU instead:
+    python -m lib.train --task sql --gpus 1
+Several processes, one per GPU (or gloo on CPU), by hand:
     accelerate launch --config_file accelerate_configs/<rendered>.yaml -m lib.train --config run.json
 A saved config plus overrides:
     python -m lib.train --config run.json --set lora_r=8 --set target_modules=attention --evaluate
@@ -23,6 +27,8 @@ from pathlib import Path
 from lib import runs
 from lib.config import RECIPE_DEVICES, TASK_NAMES, ConfigError, RunConfig, parse_overrides, task_recipe
 
+GPUS_VARIABLE = "QLORA_GPUS"  # the GPUs one `python -m lib.train` trains on: "auto" (all it sees) or a number
+
 
 def parse_config(argv: list[str] | None = None) -> tuple[RunConfig, bool]:
     parser = argparse.ArgumentParser(prog="python -m lib.train", description=__doc__.split("\n")[0])
@@ -33,6 +39,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[RunConfig, bool]:
     parser.add_argument("--recipe", choices=RECIPE_DEVICES, default="auto",
                         help="which measured recipe to start from without --config (auto: gpu with CUDA, else cpu)")
     parser.add_argument("--evaluate", action="store_true", help="compare base model and adapter afterwards")
+    parser.add_argument("--gpus", help=f'python -m lib.train on several GPUs: "auto" (one process each, the default) '
+                                       f"or how many to use (1: this process, on the first); default ${GPUS_VARIABLE}")
     args = parser.parse_args(argv)
     values = RunConfig.from_json(args.config).to_dict() if args.config else {}
     if args.task:
@@ -45,7 +53,43 @@ def parse_config(argv: list[str] | None = None) -> tuple[RunConfig, bool]:
     return RunConfig.from_dict(values), args.evaluate
 
 
+def training_processes(gpus: str | int | None = None) -> int:
+    """How many processes `python -m lib.train` trains with: `gpus` (--gpus; None: QLORA_GPUS; "auto" or unset:
+    every GPU visible), 1 without several GPUs, and 1 inside a distributed launch, whose processes are each
+    one of those (WORLD_SIZE or LOCAL_RANK set)."""
+    if "WORLD_SIZE" in os.environ or "LOCAL_RANK" in os.environ:
+        return 1
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    setting = "--gpus"
+    if gpus is None:
+        gpus, setting = os.environ.get(GPUS_VARIABLE, "auto"), GPUS_VARIABLE
+    text = str(gpus).strip()
+    if text == "auto":
+        return max(visible, 1)
+    if not text.isdigit() or not 1 <= int(text) <= max(visible, 1):
+        raise ConfigError(setting, gpus, f'"auto" (every visible GPU) or a number of GPUs from 1 to {max(visible, 1)} '
+                                         f"({visible} visible)")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
+    gpus_parser = argparse.ArgumentParser(add_help=False)
+    gpus_parser.add_argument("--gpus")
+    gpus, argv = gpus_parser.parse_known_args(argv)
+    try:
+        processes = training_processes(gpus.gpus)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if processes > 1:
+        # One process seeing several GPUs would make the Trainer fall back to DataParallel (refused by TRL,
+        # slower than one GPU): start one process per GPU instead, as lib.launcher does for a worker.
+        from lib import launcher
+
+        print(f"{processes} GPUs: training with one process per GPU (accelerate launch, multi_gpu)", flush=True)
+        return launcher.main(["--workers", "1", "--backend", "local", "--processes-per-worker", str(processes), *argv])
     from lib.fine_tuner import FineTuner
     from lib.stopping import TrainingStopped
 

@@ -5,7 +5,7 @@ lib.workers.CmlWorkers starts it through
 worker's launch by hand, from the repository root, with the values from that call:
 
     QLORA_WORKER_ARGV='["-m", "accelerate.commands.launch", "--config_file", ...]' \\
-    QLORA_WORKER_LOG=runs/<run>/logs/worker-1.log QLORA_WORKER_CWD=. python lib/worker_entry.py
+    QLORA_WORKER_LOG=runs/<run>/logs/attempt-1/worker-1.log QLORA_WORKER_CWD=. python lib/worker_entry.py
 
 From its environment it reads QLORA_WORKER_ARGV (the arguments after `python`, a JSON list of
 strings, built by lib.launcher), QLORA_WORKER_LOG (this rank's log in the run folder, on the shared

@@ -2,6 +2,7 @@
 
     from lib.workers import worker_backend
     backend = worker_backend("auto")        # CmlWorkers inside CML, LocalWorkers elsewhere
+    backend = worker_backend("cml", WorkerResources(cpu=8, memory_gib=64, gpus=2))  # what each CML Worker gets
     worker = backend.start(rank, argv, env, log_path, join_timeout_s=300, gpus=0)
     worker.exit_code()                      # None while running, then 0 or the failure's code
     worker.stop()                           # stops the worker and everything it started
@@ -25,6 +26,7 @@ import signal
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -36,6 +38,64 @@ WORKER_ENTRY = Path(__file__).with_name("worker_entry.py")
 PASSED_TO_CML_WORKERS = ("HF_TOKEN", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE",
                          "QLORA_AMP_CACHE")
 STOP_GRACE_S = 10  # SIGTERM first (torchrun then stops its own children), SIGKILL whatever is left after this
+
+
+@dataclass(frozen=True)
+class WorkerResources:
+    """What each CML Worker asks CML for. A field left None is read from its environment variable (below),
+    else it takes the default; lib.workers.worker_resources fills and checks them."""
+    cpu: float | None = None                 # vCPUs per worker (QLORA_WORKER_CPU; default 4)
+    memory_gib: float | None = None          # GiB of memory per worker (QLORA_WORKER_MEMORY_GIB; default 16)
+    gpus: int | None = None                  # GPUs per worker (QLORA_WORKER_GPUS; default: one per training process
+                                             # when this session has GPUs, else 0)
+    accelerator_label_id: int | None = None  # CML's id of the GPU type to ask for (QLORA_ACCELERATOR_LABEL_ID;
+                                             # default: none asked, the workspace's default GPU type)
+
+
+RESOURCE_VARIABLES = {"cpu": "QLORA_WORKER_CPU", "memory_gib": "QLORA_WORKER_MEMORY_GIB", "gpus": "QLORA_WORKER_GPUS",
+                      "accelerator_label_id": "QLORA_ACCELERATOR_LABEL_ID"}
+RESOURCE_DEFAULTS = {"cpu": 4, "memory_gib": 16, "gpus": None, "accelerator_label_id": None}
+
+
+def worker_resources(resources: WorkerResources | dict | None = None) -> WorkerResources:
+    """`resources` (a WorkerResources, a mapping of its fields, or None) with every unset field read from its
+    environment variable or given its default, each checked: ConfigError names the setting (the variable when
+    the value came from there), the value and what is accepted."""
+    from lib.config import ConfigError
+
+    if isinstance(resources, dict):
+        unknown = sorted(set(resources) - set(RESOURCE_VARIABLES))
+        if unknown:
+            raise ConfigError(unknown[0], resources[unknown[0]], f"a worker resource, one of {sorted(RESOURCE_VARIABLES)}")
+        resources = WorkerResources(**resources)
+    resources = resources or WorkerResources()
+    values = {}
+    for name, variable in RESOURCE_VARIABLES.items():
+        value, setting = getattr(resources, name), f"resources.{name}"
+        if value is None and os.environ.get(variable, "").strip():
+            value, setting = os.environ[variable].strip(), variable
+        values[name] = RESOURCE_DEFAULTS[name] if value is None else _resource_value(name, setting, value)
+    return WorkerResources(**values)
+
+
+def _resource_value(name: str, setting: str, value) -> float | int:
+    """One resource as a number, from a number or its text (an environment variable)."""
+    from lib.config import ConfigError
+
+    whole = name in ("gpus", "accelerator_label_id")
+    accepted = {"cpu": "a number of vCPUs above 0 (e.g. 4 or 0.5)", "memory_gib": "a number of GiB above 0 (e.g. 16)",
+                "gpus": "a whole number of GPUs, 0 or more",
+                "accelerator_label_id": "a whole number: the id of a CML accelerator label (Site Administration)"}[name]
+    try:
+        number = (int if whole else float)(value) if isinstance(value, str) else value
+    except ValueError:
+        raise ConfigError(setting, value, accepted) from None
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or (whole and not isinstance(number, int)):
+        raise ConfigError(setting, value, accepted)
+    lowest = 1 if name == "accelerator_label_id" else 0  # label ids start at 1; 0 GPUs is a CPU worker
+    if not (number >= lowest if whole else 0 < number < float("inf")):
+        raise ConfigError(setting, value, accepted)
+    return number
 
 
 class LocalProcess:
@@ -125,10 +185,8 @@ class CmlWorkers:
     name = "cml"
     shares_host = False
 
-    def __init__(self, cpu: int = 4, memory: int = 16, nvidia_gpu: int | None = None, api=None):
-        self.cpu = cpu                # vCPUs per worker
-        self.memory = memory          # GiB of memory per worker
-        self.nvidia_gpu = nvidia_gpu  # GPUs per worker; None: one per training process when this session has GPUs
+    def __init__(self, resources: WorkerResources | dict | None = None, api=None):
+        self.resources = worker_resources(resources)
         self.api = api or cml_api()
 
     def main_address(self) -> str:
@@ -146,9 +204,12 @@ class CmlWorkers:
         passed = {name: os.environ[name] for name in PASSED_TO_CML_WORKERS if name in os.environ}
         worker_env = {**passed, **env, "QLORA_WORKER_RANK": str(rank), "QLORA_WORKER_ARGV": json.dumps(argv),
                       "QLORA_WORKER_LOG": str(log_path), "QLORA_WORKER_CWD": str(REPO_ROOT)}
-        nvidia_gpu = gpus if self.nvidia_gpu is None else self.nvidia_gpu
-        launched = self.api.launch_workers(n=1, cpu=self.cpu, memory=self.memory, nvidia_gpu=nvidia_gpu,
-                                           script=str(WORKER_ENTRY.relative_to(REPO_ROOT)), env=worker_env)
+        resources = self.resources
+        asked = {"accelerator_label_id": resources.accelerator_label_id} if resources.accelerator_label_id is not None else {}
+        # accelerator_label_id only when asked: older CML versions (and cdsw) have no such parameter
+        launched = self.api.launch_workers(n=1, cpu=resources.cpu, memory=resources.memory_gib,
+                                           nvidia_gpu=gpus if resources.gpus is None else resources.gpus,
+                                           script=str(WORKER_ENTRY.relative_to(REPO_ROOT)), env=worker_env, **asked)
         return CmlWorker(self.api, rank, launched[0]["id"], log_path, join_timeout_s)
 
 
@@ -198,11 +259,12 @@ def cml_api():
     return None
 
 
-def worker_backend(backend="auto"):
+def worker_backend(backend="auto", resources: WorkerResources | dict | None = None):
     """A backend by name: "auto" (CML when its Workers API imports, else local), "local", "cml";
-    a backend object passes through."""
+    a backend object passes through. resources: what each CML Worker gets (worker_resources)."""
     from lib.config import ConfigError
 
+    resources = worker_resources(resources)  # checked whichever backend runs, before anything starts
     if not isinstance(backend, str):
         return backend
     if backend == "local":
@@ -210,7 +272,7 @@ def worker_backend(backend="auto"):
     if backend in ("cml", "auto"):
         api = cml_api()
         if api is not None:
-            return CmlWorkers(api=api)
+            return CmlWorkers(resources, api=api)
         if backend == "auto":
             return LocalWorkers()
         raise ConfigError("backend", backend, "'local' or 'auto' here: neither cml.workers_v1 nor cdsw imports")

@@ -16,3 +16,12 @@ def tiny_config(tmp_path):
         return RunConfig.from_dict({**TINY, "output_dir": str(tmp_path / "runs"), **overrides})
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def free_rendezvous_port(monkeypatch):
+    """Launches in tests use a port free now, not the fixed default (29500): test runs here, or of another
+    worktree, may overlap. Subprocesses (jobs, python -m lib.launcher) inherit it."""
+    from lib.launcher import PORT_VARIABLE, free_port
+
+    monkeypatch.setenv(PORT_VARIABLE, str(free_port()))

@@ -180,7 +180,8 @@ def test_distributed_job_trains_on_two_workers(tmp_path):
     assert error_outputs(executed(run_dir, "04_distributed_training.ipynb")) == []
     record = json.loads((run_dir / "run_record.json").read_text())
     assert record["world_size"] == 2 and [share["rank"] for share in record["rank_shares"]] == [0, 1]
-    assert (run_dir / "logs" / "worker-0.log").stat().st_size > 0 and (run_dir / "logs" / "worker-1.log").is_file()
+    logs = run_dir / "logs" / "attempt-1"
+    assert (logs / "worker-0.log").stat().st_size > 0 and (logs / "worker-1.log").is_file()
     assert (run_dir / "launch" / "accelerate-1.yaml").is_file()
     assert set(json.loads((run_dir / "metrics.json").read_text())["adapter"]) == set(get_task("sql").metrics)
     assert_png(run_dir / "loss_curve.png")

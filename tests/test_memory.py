@@ -241,3 +241,83 @@ def test_cpu_threads_setting_is_checked():
         RunConfig(cpu_threads=0).validate()
     with pytest.raises(ConfigError, match="cpu_threads"):
         RunConfig.from_dict({"cpu_threads": "many"}).validate()
+
+
+# ---- sharding (FSDP) --------------------------------------------------------------------------
+
+LLAMA_70B = dict(vocab_size=128256, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                 num_key_value_heads=8, intermediate_size=28672, tie_word_embeddings=False)  # Llama-3-70B's shape
+H200_BUDGET_GIB = memory.GPU_BUDGET_SHARE * 141  # memory_budget_gib "auto" on a 141 GiB GPU
+SHARDED_PARTS = ("LoRA weights", "gradients", "optimizer state")
+
+
+@pytest.fixture(scope="module")
+def llama_70b(tmp_path_factory):
+    from transformers import AutoConfig
+
+    folder = tmp_path_factory.mktemp("llama-70b")
+    AutoConfig.for_model("llama", **LLAMA_70B).save_pretrained(folder)
+    return str(folder), memory.read_shapes(str(folder))
+
+
+@pytest.fixture
+def outside_a_launch(monkeypatch):
+    for name in ("WORLD_SIZE", "ACCELERATE_USE_FSDP"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_a_70b_model_in_16_bits_is_sharded_over_two_gpus_and_each_holds_half(llama_70b, outside_a_launch):
+    path, shapes = llama_70b
+    config = RunConfig(base_model=path, load_in_4bit=False, max_seq_length=1024, batch_size=8,
+                       memory_budget_gib=H200_BUDGET_GIB)
+    plan = decide(config, shapes, on_gpu=True, processes=2)
+    assert plan.sharded and shapes.layer_class == "LlamaDecoderLayer"
+    whole = memory.training_memory(shapes, config, dataclasses.replace(plan, sharded=False), 1)
+    shard = memory.training_memory(shapes, config, plan, 1)
+    assert total(whole) / 2**30 > H200_BUDGET_GIB >= plan.estimated_gib  # only sharded does it fit
+    for part in SHARDED_PARTS:
+        assert shard[part] == whole[part] / 2
+    gathered = memory.GATHERED_LAYERS * shapes.linear_parameters / shapes.num_layers * 2  # two bf16 layers whole
+    assert shard["base weights"] == pytest.approx(whole["base weights"] / 2 + gathered)
+    assert 0.5 < shard["base weights"] / whole["base weights"] < 0.53
+    assert shard["activations"] == whole["activations"]  # each process's own
+    assert not decide(config.replace(distributed="ddp"), shapes, on_gpu=True, processes=2).sharded
+    assert not decide(config.replace(distributed="fsdp"), shapes, on_gpu=True, processes=1).sharded
+
+
+def test_qlora_70b_fits_each_gpu_whole_so_auto_keeps_ddp_and_fsdp_halves_its_weights(llama_70b, outside_a_launch):
+    path, shapes = llama_70b
+    config = RunConfig(base_model=path, max_seq_length=1024, batch_size=8, memory_budget_gib=H200_BUDGET_GIB)
+    assert not decide(config, shapes, on_gpu=True, processes=2).sharded  # 4-bit: ~36 GiB of weights fit a GPU
+    assert not decide(config, shapes, on_gpu=False, processes=2).sharded  # auto never shards on CPUs
+    plan = decide(config.replace(distributed="fsdp"), shapes, on_gpu=True, processes=2)
+    whole = memory.training_memory(shapes, config, dataclasses.replace(plan, sharded=False), 1)
+    shard = memory.training_memory(shapes, config, plan, 1)
+    assert plan.sharded and 0.5 < shard["base weights"] / whole["base weights"] < 0.53
+    assert all(shard[part] == whole[part] / 2 for part in SHARDED_PARTS)
+
+
+def test_a_launched_process_follows_its_accelerate_config(llama_70b, monkeypatch):
+    path, shapes = llama_70b
+    config = RunConfig(base_model=path, memory_budget_gib=H200_BUDGET_GIB)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # accelerate launch with accelerate_configs/fsdp.yaml
+    assert decide(config, shapes, on_gpu=True).sharded  # auto, though the model fits whole
+    with pytest.raises(ConfigError, match="'distributed'.*'ddp'.*FSDP accelerate config"):
+        decide(config.replace(distributed="ddp"), shapes, on_gpu=True)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")  # a DDP launch
+    assert not decide(config, shapes, on_gpu=True).sharded
+    with pytest.raises(ConfigError, match="'distributed'.*'fsdp'.*DDP accelerate config"):
+        decide(config.replace(distributed="fsdp"), shapes, on_gpu=True)
+
+
+def test_sharded_qlora_stores_4bit_weights_in_the_compute_dtype():
+    import torch
+
+    from lib.models import quantization_config
+
+    assert quantization_config(True, "bf16", sharded=True).bnb_4bit_quant_storage == torch.bfloat16
+    assert quantization_config(True, "fp16", sharded=True).bnb_4bit_quant_storage == torch.float16
+    assert quantization_config(True, "bf16").bnb_4bit_quant_storage == torch.uint8  # bitsandbytes' default
+    with pytest.raises(ConfigError, match="'distributed'.*auto, ddp, fsdp"):
+        RunConfig(distributed="zero3").validate()

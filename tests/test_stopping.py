@@ -111,14 +111,14 @@ def test_sigterm_to_a_two_process_launch_stops_every_rank_and_the_same_launch_re
     argv = ["-m", "lib.launcher", "--workers", "2", "--backend", "local", *set_arguments(tmp_path, "stopped2")]
     log, run_dir = tmp_path / "launch.log", tmp_path / "stopped2"
     process = start(argv, log)
-    wait_for_text(run_dir / "logs" / "worker-0.log", "'loss'", process)
+    wait_for_text(run_dir / "logs" / "attempt-1" / "worker-0.log", "'loss'", process)
     code, took_s = stop_and_wait(process)
     text = log.read_text(errors="replace")
     assert code == 143, text[-3000:]
     assert "every worker stopped at the end of a step and saved" in text and "Traceback" not in text
     step = stopped_step(run_dir)
     for rank in (0, 1):
-        worker_log = (run_dir / "logs" / f"worker-{rank}.log").read_text(errors="replace")
+        worker_log = (run_dir / "logs" / "attempt-1" / f"worker-{rank}.log").read_text(errors="replace")
         assert f"training stopped at step {step}" in worker_log, worker_log[-2000:]
     assert training_processes(str(run_dir)) == []
 
@@ -126,6 +126,9 @@ def test_sigterm_to_a_two_process_launch_stops_every_rank_and_the_same_launch_re
                            env={**os.environ, **THREADS}, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert_resumed_to_the_end(run_dir, step, world_size=2)
+    first_attempt = (run_dir / "logs" / "attempt-1" / "worker-1.log").read_text(errors="replace")
+    assert f"training stopped at step {step}" in first_attempt  # the relaunch kept the stopped attempt's logs
+    assert (run_dir / "logs" / "attempt-2" / "worker-1.log").stat().st_size > 0
     print(f"two processes: stopped {took_s:.1f} s after SIGTERM at step {step}")
 
 

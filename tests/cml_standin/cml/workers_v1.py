@@ -7,7 +7,8 @@ signatures (see CML.md); each "worker" is a real local process instead of a CML 
 /home/cdsw is in CML) runs with this interpreter, `code` as `python -c`, or, with a leading "!",
 as a command through /bin/sh, as CML does. A worker's environment is this process's plus `env`,
 and its output goes to this process's console, as a CML worker's goes to its session's.
-cpu, memory, nvidia_gpu and kernel are recorded, not enforced.
+cpu, memory, nvidia_gpu, kernel, accelerator_label_id, resource_profile_id and resource_group_id are
+recorded, not enforced.
 """
 
 import os
@@ -24,8 +25,10 @@ _lock = threading.Lock()
 _POLL_S = 0.2
 
 
-def launch_workers(n, cpu, memory, nvidia_gpu=0, kernel="python3", script="", code="", env={}):
-    """Start n workers; a list of worker dicts with at least `id`."""
+def launch_workers(n, cpu, memory, nvidia_gpu=0, kernel="python3", script="", code="", accelerator_label_id=None,
+                   resource_profile_id=None, resource_group_id=None, env={}):
+    """Start n workers; a list of worker dicts with at least `id`. The signature of CML's documentation
+    (cloud): accelerator_label_id picks the GPU type, resource_profile_id and resource_group_id a profile."""
     if script:
         command = [sys.executable, os.path.join(os.getcwd(), script)]
     elif code.startswith("!"):
@@ -37,7 +40,9 @@ def launch_workers(n, cpu, memory, nvidia_gpu=0, kernel="python3", script="", co
         process = subprocess.Popen(command, env={**os.environ, **env}, stdin=subprocess.DEVNULL,
                                    start_new_session=True)
         worker = {"id": uuid.uuid4().hex[:12], "status": "running", "ip_address": "127.0.0.1", "cpu": cpu,
-                  "memory": memory, "nvidia_gpu": nvidia_gpu, "kernel": kernel, "script": script, "code": code}
+                  "memory": memory, "nvidia_gpu": nvidia_gpu, "kernel": kernel, "script": script, "code": code,
+                  "accelerator_label_id": accelerator_label_id, "resource_profile_id": resource_profile_id,
+                  "resource_group_id": resource_group_id}
         with _lock:
             _workers[worker["id"]] = {"worker": worker, "process": process}
         launched.append(dict(worker))
