@@ -122,7 +122,7 @@ class FineTuner:
             parts = memory.training_memory(shapes, config, plan, size)
             largest = max(parts, key=parts.get)
             setting = {"activations": "max_seq_length", "attention scores": "max_seq_length",
-                       "base weights": "base_model"}.get(largest, "lora_r")
+                       "base weights": "base_model", "CPU workspace": "max_seq_length"}.get(largest, "lora_r")
             raise ConfigError(setting, getattr(config, setting),
                               f"a value whose training fits this machine: {size} sequence(s) a pass are estimated at "
                               f"{estimate / 2**30:,.0f} GiB ({largest}: {parts[largest] / 2**30:,.0f} GiB), "

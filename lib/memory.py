@@ -45,6 +45,10 @@ weights (embeddings, norms); P_l the LoRA weights:
     loss              TRL's chunked LM head: one min(T, 4096) x min(V, 32768) logits tile in d bytes, and the
                       fp32 gradient of the last hidden state, T * H * 4. Full logits are never built. On a CPU
                       (no Triton) TRL's torch fallback holds about five fp32 copies of the tile besides.
+    CPU workspace     on a CPU only: 0.6 x the parts above but the base weights. Measured, not derived: over 60
+                      steps of each task's CPU recipe, a process's resident memory rose 1.55-1.66 x those parts
+                      above its resident memory at the start (the allocator keeps freed blocks of steps of
+                      different shapes; CPU kernels make fp32 temporaries of bf16 tensors; docs/BENCHMARKS.md).
 Activations, attention scores and the loss are each process's own: sharding does not divide them. (The
 adapters' gathered layers in flight are a few MiB, left out.)
 
@@ -69,6 +73,7 @@ LORA_BYTES = 4                             # adapters train and are saved in fp3
 ADAM_BYTES = {"adamw_8bit": 2, "paged_adamw_8bit": 2}  # bytes of optimizer state per trainable value; else 8
 LOSS_TOKEN_TILE, LOSS_VOCAB_TILE = 4096, 32768     # TRL's chunked log-prob tile
 CPU_TILE_TEMPORARIES = 5                           # fp32 copies of a tile TRL's torch fallback holds at once
+CPU_WORKSPACE_SHARE = 0.6  # CPU: the allocator's cached blocks and kernels' temporaries, x the parts above (measured)
 GPU_BUDGET_SHARE, CPU_BUDGET_SHARE = 0.8, 0.75     # memory_budget_gib "auto"
 HOST_PROCESSES_VARIABLE = "QLORA_HOST_PROCESSES"   # training processes on this host, set by lib.launcher
 GATHERED_LAYERS = 2  # FSDP: decoder layers whose weights are whole at once (computing, and the next prefetched)
@@ -202,7 +207,7 @@ def training_memory(shapes: ModelShapes, config, plan, micro_batch: int | None =
         scores = rows * shapes.num_heads * row * row * 2 * d * kept_layers
     tile = min(tokens, LOSS_TOKEN_TILE) * min(shapes.vocab_size, LOSS_VOCAB_TILE)
     loss = tile * (d if plan.on_gpu else d + CPU_TILE_TEMPORARIES * 4) + tokens * H * 4
-    return {
+    parts = {
         "base weights": base,
         "LoRA weights": lora * LORA_BYTES / shards,
         "gradients": lora * LORA_BYTES / shards,
@@ -211,6 +216,9 @@ def training_memory(shapes: ModelShapes, config, plan, micro_batch: int | None =
         "attention scores": scores,
         "loss": loss,
     }
+    if not plan.on_gpu:
+        parts["CPU workspace"] = CPU_WORKSPACE_SHARE * (sum(parts.values()) - base)
+    return parts
 
 
 def budget_bytes(config, plan) -> float:

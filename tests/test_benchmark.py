@@ -75,3 +75,28 @@ def test_merge_replaces_rows_of_the_same_key():
            {"card": "A", "arch": "x", "config": "default", "seq_len": 8, "tokens_per_s": 2}]
     new = [{"card": "A", "arch": "x", "config": "seed", "seq_len": 8, "tokens_per_s": 3}]
     assert [row["tokens_per_s"] for row in benchmark.merge_rows(old, new)] == [2, 3]
+
+
+def test_window_timing_and_shipped_logging_reach_the_row(tmp_path):
+    """--timing window (no synchronisation inside the measured steps) and --logging-steps travel to the
+    configuration's child process; the row keeps both, and loading and training peaks apart."""
+    out = tmp_path / "rows.json"
+    command = [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--arch", "tiny-llama", "--configs", "default",
+               "--steps", "2", "--warmup", "1", "--seq-len", "64", "--model-dir", str(tmp_path / "model"),
+               "--logging-steps", "5", "--timing", "window", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = json.loads(out.read_text())[0]
+    assert row["timing"] == "window" and row["logging_steps"] == 5 and row["steps_measured"] == 2
+    assert row["s_per_step"] > 0 and row["tokens_per_s"] == pytest.approx(row["tokens_per_step"] / row["s_per_step"], rel=1e-3)
+    assert row["peak_mem_gib"] == max(row["setup_peak_gib_per_rank"][0], row["train_peak_gib_per_rank"][0])
+
+
+def test_memory_runs_start_what_users_start():
+    from tools import memory_runs
+
+    notebook, extra = memory_runs.command("sql", Path("/tmp/out"), -1, 4)
+    assert notebook[1:3] == ["jobs/run_notebook.py", "notebooks/02_english_to_sql.ipynb"] and extra == {}
+    assert "max_steps=-1" in notebook and "eval_rows=4" in notebook
+    launcher, extra = memory_runs.command("two-processes", Path("/tmp/out"), 5, 4)
+    assert launcher[1:3] == ["-m", "lib.launcher"] and "local" in launcher and extra == {"NUM_GPU_WORKERS": "2"}

@@ -321,3 +321,15 @@ def test_sharded_qlora_stores_4bit_weights_in_the_compute_dtype():
     assert quantization_config(True, "bf16").bnb_4bit_quant_storage == torch.uint8  # bitsandbytes' default
     with pytest.raises(ConfigError, match="'distributed'.*auto, ddp, fsdp"):
         RunConfig(distributed="zero3").validate()
+
+
+def test_the_70b_plan_matches_the_measured_memory_of_a_decoder_layer(tmp_path):
+    """docs/benchmarks.json run J: slices of the Llama-70B shape with 2 and 4 decoder layers trained on one H200;
+    the difference of their peaks is two layers' memory, which the plan must match within 15%."""
+    rows = {row["arch"]: row for row in json.loads((ROOT / "docs" / "benchmarks.json").read_text())
+            if row.get("run") == "J" and row["arch"].startswith("llama-70b-")}
+    estimates = {arch: benchmark.estimate_gib(row, str(benchmark.shapes_dir(arch, tmp_path / arch)))
+                 for arch, row in rows.items()}
+    measured = rows["llama-70b-4layers"]["peak_mem_gib"] - rows["llama-70b-2layers"]["peak_mem_gib"]
+    planned = estimates["llama-70b-4layers"] - estimates["llama-70b-2layers"]
+    assert 0.85 <= planned / measured <= 1.15, (planned, measured)

@@ -49,6 +49,11 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--steps", type=int, default=6, help="measured optimizer steps")
     parser.add_argument("--warmup", type=int, default=2, help="optimizer steps left out of the timing")
     parser.add_argument("--timeout", type=int, default=240, help="seconds per configuration")
+    parser.add_argument("--logging-steps", type=int, default=1,
+                        help="the trainer's logging_steps (1: a loss per step; 5: the shipped default, fewer syncs)")
+    parser.add_argument("--timing", choices=("step", "window"), default="step",
+                        help="step: the GPU synchronised after every step, tokens/s from the median step; window: "
+                             "synchronised only around the measured steps, tokens/s from their total time")
     parser.add_argument("--model-dir", help="where the random model is built (default: a folder under /tmp)")
     parser.add_argument("--unsloth-path", help="site folder holding Unsloth and its pins, for unsloth-* configs")
     parser.add_argument("--out", help="JSON file of rows; this run's rows replace earlier ones of the same key "
@@ -70,14 +75,19 @@ def run_worker(args) -> int:
     """In the configuration's own process: train, measure, write the row."""
     run = benchmark.run_unsloth if args.worker in benchmark.UNSLOTH_CONFIGS else benchmark.run_project
     with tempfile.TemporaryDirectory(prefix="bench-run-") as output_dir:
-        row = run(args.arch, args.worker, args.model_dir, args.seq_len, args.steps, args.warmup, output_dir)
+        if run is benchmark.run_project:
+            row = run(args.arch, args.worker, args.model_dir, args.seq_len, args.steps, args.warmup, output_dir,
+                      logging_steps=args.logging_steps, timing=args.timing)
+        else:
+            row = run(args.arch, args.worker, args.model_dir, args.seq_len, args.steps, args.warmup, output_dir)
     Path(args.row_file).write_text(json.dumps(row), encoding="utf-8")
     return 0
 
 
 def child(args, extra: list[str], env: dict | None = None, timeout: int | None = None):
     command = [sys.executable, str(Path(__file__).resolve()), "--arch", args.arch, "--seq-len", str(args.seq_len),
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--model-dir", args.model_dir, *extra]
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--model-dir", args.model_dir,
+               "--logging-steps", str(args.logging_steps), "--timing", args.timing, *extra]
     return subprocess.run(command, env=env, timeout=timeout, capture_output=True, text=True, cwd=ROOT)
 
 

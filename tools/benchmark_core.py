@@ -45,12 +45,23 @@ ARCHITECTURES = {
                      tie_word_embeddings=True, max_position_embeddings=131072, rope_theta=500000.0),
     "bloom-1b1": dict(model_type="bloom", vocab_size=250880, hidden_size=1536, n_layer=24, n_head=16,
                       tie_word_embeddings=True),
+    # sharding checks: Llama-3.1-8B's shape, and 70B's (too big to build here whole: slices of it below)
+    "llama-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336, head_dim=128,
+                     tie_word_embeddings=False, max_position_embeddings=131072, rope_theta=500000.0),
+    "llama-70b": dict(model_type="llama", vocab_size=128256, hidden_size=8192, num_hidden_layers=80,
+                      num_attention_heads=64, num_key_value_heads=8, intermediate_size=28672, head_dim=128,
+                      tie_word_embeddings=False, max_position_embeddings=131072, rope_theta=500000.0),
     "tiny-llama": dict(model_type="llama", vocab_size=512, hidden_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
                        tie_word_embeddings=True),
     "tiny-bloom": dict(model_type="bloom", vocab_size=512, hidden_size=64, n_layer=2, n_head=4,
                        tie_word_embeddings=True),
 }
+
+# A slice of the 70B shape: its embeddings and head with a few of its 80 decoder layers; the difference
+# between two slices' peaks is the measured memory of the layers in between.
+ARCHITECTURES.update({f"llama-70b-{n}layers": {**ARCHITECTURES["llama-70b"], "num_hidden_layers": n} for n in (2, 4)})
 
 # Dense bf16/fp16 tensor-core peak from the datasheets (SXM parts), by a name fragment of the card.
 PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
@@ -88,6 +99,7 @@ CONFIGS = {
     "b8-ckpt-liger": fast(8, gradient_checkpointing=True, liger_kernel="on"),
     "b16-ckpt": fast(16, gradient_checkpointing=True),
     "b32-ckpt": fast(32, gradient_checkpointing=True),
+    "micro1": {"batch_size": 4, "micro_batch_size": 1},  # DDP against FSDP at the same micro-batch
     "default": {},  # RunConfig's defaults: 16 sequences a step, the micro-batch chosen to fit the GPU
     # the defaults held to a memory budget: the micro-batch shrinks, accumulation makes up the step
     "default-budget-3gib": {"memory_budget_gib": 3.0},
@@ -99,11 +111,12 @@ UNSLOTH_CONFIGS = {"unsloth-b8": 8, "unsloth-b16": 16, "unsloth-b32": 32, "unslo
 REQUIRED_KEYS = ("card", "date", "arch", "config", "gpus", "seq_len", "tokens_per_s", "peak_mem_gib", "mfu")
 
 
-def settings(arch: str, config: str, model_dir: str, seq_len: int, max_steps: int, output_dir: str) -> RunConfig:
+def settings(arch: str, config: str, model_dir: str, seq_len: int, max_steps: int, output_dir: str,
+             logging_steps: int = 1) -> RunConfig:
     """The RunConfig of one benchmark configuration: same model, data and LoRA (r=16 on the attention
     projections) for every configuration; the configuration's overrides on top of RunConfig's defaults."""
     return RunConfig(base_model=model_dir, target_modules="attention", lora_r=16, lora_alpha=32,
-                     max_seq_length=seq_len, max_steps=max_steps, logging_steps=1, save_steps=10**6,
+                     max_seq_length=seq_len, max_steps=max_steps, logging_steps=logging_steps, save_steps=10**6,
                      output_dir=output_dir, run_name=f"{arch}-{config}", overwrite=True, **CONFIGS[config])
 
 
@@ -159,26 +172,34 @@ def model_flops_per_token(matmul: int, lora: int, layers: int, hidden: int, seq_
     return 4 * matmul + 6 * lora + 6 * layers * seq_len * hidden
 
 
-def step_timer():
+def step_timer(window: tuple[int, int] | None = None):
     """A trainer callback marking when training starts and when each optimizer step ends, after the GPU
-    has finished it; `step_seconds()` gives the steps' durations."""
+    has finished it; `step_seconds()` gives the steps' durations. window=(first, last): synchronise only at
+    the end of steps `first` and `last` (the other marks are when the CPU got there), so that the timing
+    adds no synchronisation inside the measured steps; `window_seconds()` is their total time."""
     import torch
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
         def __init__(self):
             self.marks: list[float] = []
+            self.window: dict[int, float] = {}
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self._mark()
+            self._mark(0)
 
         def on_step_end(self, args, state, control, **kwargs):
-            self._mark()
+            self._mark(state.global_step)
 
-        def _mark(self):
-            if torch.cuda.is_available():
+        def _mark(self, step: int):
+            if torch.cuda.is_available() and (window is None or step in window):
                 torch.cuda.synchronize()
             self.marks.append(time.perf_counter())
+            if window is not None and step in window:
+                self.window[step] = self.marks[-1]
+
+        def window_seconds(self) -> float | None:
+            return self.window[window[1]] - self.window[window[0]] if window and len(self.window) == 2 else None
 
         def step_seconds(self) -> list[float]:
             return [later - earlier for earlier, later in zip(self.marks, self.marks[1:])]
@@ -195,6 +216,10 @@ def measure(arch: str, config: str, engine: str, timer, warmup: int, tokens_per_
 
     measured = timer.step_seconds()[warmup:]
     s_per_step = statistics.median(measured)
+    window_s = timer.window_seconds()
+    if window_s:  # timing "window": the measured steps' total time, no synchronisation inside it
+        s_per_step = window_s / len(measured)
+        details = {**details, "timing": "window"}
     tokens_per_s = tokens_per_step / s_per_step
     matmul, layers, hidden = matmul_weights(model_dir)
     flops_per_token = model_flops_per_token(matmul, lora_weights, layers, hidden, seq_len)
@@ -202,7 +227,7 @@ def measure(arch: str, config: str, engine: str, timer, warmup: int, tokens_per_
     on_gpu = torch.cuda.is_available()
     peak = next((flops for name, flops in PEAK_FLOPS.items() if name in card), None) if on_gpu else None
     reserved = round(torch.cuda.max_memory_reserved() / 2**30, 3) if on_gpu else None
-    peaks = per_rank(peak_memory_gib())
+    peaks = per_rank(max(peak_memory_gib(), details.pop("own_setup_peak_gib", 0)))  # training or loading, larger
     return {
         "card": card, "date": time.strftime("%Y-%m-%d"), "arch": arch, "config": config, "engine": engine,
         "gpus": world_size, "seq_len": seq_len, "tokens_per_step": tokens_per_step,
@@ -217,14 +242,19 @@ def measure(arch: str, config: str, engine: str, timer, warmup: int, tokens_per_
 
 
 def run_project(arch: str, config: str, model_dir: str, seq_len: int, steps: int, warmup: int,
-                output_dir: str) -> dict:
+                output_dir: str, logging_steps: int = 1, timing: str = "step") -> dict:
     """Train one configuration through the FineTuner and measure it."""
-    from lib.fine_tuner import FineTuner
+    import torch
 
-    run_config = settings(arch, config, model_dir, seq_len, warmup + steps, output_dir)
+    from lib.fine_tuner import FineTuner, peak_memory_gib
+
+    run_config = settings(arch, config, model_dir, seq_len, warmup + steps, output_dir, logging_steps)
     rows = run_config.batch_size * (warmup + steps) * world_size()
     tuner = FineTuner(run_config, train_dataset=token_blocks(vocab_size(model_dir), seq_len, rows)).setup()
-    timer = step_timer()
+    setup_peak = peak_memory_gib()  # loading the model (and, sharded, before it is divided)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # the training peak alone from here; the row keeps the larger
+    timer = step_timer((warmup, warmup + steps) if timing == "window" else None)
     tuner.trainer.add_callback(timer)
     result = tuner.train()
     args, model = tuner.trainer.args, tuner.trainer.model
@@ -233,8 +263,10 @@ def run_project(arch: str, config: str, model_dir: str, seq_len: int, steps: int
                "resolved_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
                "attention": model.config._attn_implementation, "packing": args.packing,
                "liger": args.use_liger_kernel, "optimizer": getattr(args.optim, "value", args.optim),
-               "lora_dropout": run_config.lora_dropout, "loss_last": result.record["loss_history"][-1]["loss"],
-               "estimated_gib": tuner.plan.estimated_gib,
+               "lora_dropout": run_config.lora_dropout, "logging_steps": logging_steps, "loss_last": result.record["loss_history"][-1]["loss"],
+               "estimated_gib": tuner.plan.estimated_gib, "sharded": tuner.plan.sharded,
+               "setup_peak_gib_per_rank": per_rank(setup_peak), "train_peak_gib_per_rank": per_rank(peak_memory_gib()),
+               "own_setup_peak_gib": setup_peak,
                "overrides": CONFIGS[config]}
     tokens_per_step = seq_len * args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size()
     return measure(arch, config, "project", timer, warmup, tokens_per_step, seq_len, model_dir,
@@ -401,9 +433,9 @@ def failed_row(arch: str, config: str, seq_len: int, status: str, log_tail: str)
 
 def merge_rows(existing: list[dict], new: list[dict]) -> list[dict]:
     """`existing` with each row of `new` replacing the one of the same card, arch, config, sequence length,
-    number of GPUs and run label (`run`, where a row has one)."""
+    number of GPUs, run label (`run`), repeat and sharding (where a row has them)."""
     key = lambda row: (row["card"], row["arch"], row["config"], row["seq_len"], row.get("gpus", 1),  # noqa: E731
-                       row.get("run"))
+                       row.get("run"), row.get("repeat"), row.get("sharded"))
     replaced = {key(row) for row in new}
     return [row for row in existing if key(row) not in replaced] + list(new)
 
