@@ -120,9 +120,10 @@ class FineTuner:
         machine = memory.machine_bytes(plan)
         if estimate > FAR_BEYOND_MACHINE * machine:
             parts = memory.training_memory(shapes, config, plan, size)
+            parts.pop("CPU workspace", None)  # a share of the others: name the largest of those
             largest = max(parts, key=parts.get)
             setting = {"activations": "max_seq_length", "attention scores": "max_seq_length",
-                       "base weights": "base_model", "CPU workspace": "max_seq_length"}.get(largest, "lora_r")
+                       "base weights": "base_model"}.get(largest, "lora_r")
             raise ConfigError(setting, getattr(config, setting),
                               f"a value whose training fits this machine: {size} sequence(s) a pass are estimated at "
                               f"{estimate / 2**30:,.0f} GiB ({largest}: {parts[largest] / 2**30:,.0f} GiB), "
@@ -287,7 +288,8 @@ class FineTuner:
         """Write the adapter into a staging folder, then rename it into place: complete or absent."""
         run_dir = self.config.run_dir
         staging = run_dir / f"{runs.STAGING_PREFIX}{time.time_ns()}-{runs.ADAPTER}"
-        self.trainer.model.save_pretrained(staging, state_dict=adapter_weights)
+        gathered = {"state_dict": adapter_weights} if adapter_weights is not None else {}  # FSDP: whole, gathered
+        self.trainer.model.save_pretrained(staging, **gathered)
         self.tokenizer.save_pretrained(staging)
         runs.write_json_atomic(staging / runs.RUN_RECORD, record)
         runs.publish_dir(staging, run_dir / runs.ADAPTER)

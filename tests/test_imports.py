@@ -10,6 +10,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 IMPORT_EVERY_MODULE = """
 import importlib, json, os, pkgutil, sys
+import transformers.trainer_utils  # torch's inductor, imported by transformers' trainer, sets KMP_* and
+                                   # TORCHINDUCTOR_CACHE_DIR itself: what lib's own imports change is the question
 before = dict(os.environ)
 import lib
 names = [module.name for module in pkgutil.walk_packages(lib.__path__, "lib.")]
@@ -34,3 +36,19 @@ def test_importing_every_lib_module_changes_nothing(tmp_path):
     assert report["environment_unchanged"] and not report["cuda_initialized"]
     assert list(work.iterdir()) == []  # nothing written where it ran
     assert not cache.exists() and not (tmp_path / "hf").exists()  # no model converted, nothing downloaded
+
+
+def test_known_noise_is_filtered_and_other_lines_are_not(caplog):
+    """lib/__init__.py drops two misleading library log lines (bitsandbytes' optional kernels, liger-kernel's
+    optional backends), and only those."""
+    import logging
+
+    import lib  # noqa: F401
+
+    for name, noise in (("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+                        ("liger_kernel.backends.registry", "Backend impl 'x' for op 'rope' could not be imported: E")):
+        with caplog.at_level(logging.WARNING, logger=name):
+            logging.getLogger(name).warning(noise)
+            logging.getLogger(name).warning("a real problem")
+        assert [record.getMessage() for record in caplog.records] == ["a real problem"]
+        caplog.clear()

@@ -99,9 +99,11 @@ def test_task_job_exits_zero_and_prints_metrics_and_locations(task_runs, task):
     assert "tokens/s · elapsed 0:00:" in finished.stdout
 
 
-# the CPU memory estimate of a run against its measured peak (issue 15's band; docs/BENCHMARKS.md has
-# the task notebooks' defaults, one epoch each, and two local processes, measured with tools/memory_runs.py)
-PEAK_RATIO = (0.8, 1.25)
+# The CPU memory estimate of a run against its measured peak. Whole runs at the notebooks' defaults and on
+# two local processes are within 0.8-1.25 (docs/memory_runs_cpu.json, tools/memory_runs.py; too long for the
+# suite). These runs train 2 steps: the peak has not grown to the steady state the estimate plans for (the
+# allocator's cached blocks, lib/memory.py's CPU workspace), so the estimate may be higher; never much lower.
+PEAK_RATIO = (0.8, 1.5)
 
 
 def assert_peak_estimated(share: dict) -> None:
