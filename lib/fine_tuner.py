@@ -52,7 +52,6 @@ class FineTuner:
         self.train_dataset = train_dataset
         self.trainer = None
         self.lock = None  # runs.RunLock held from setup() to the end of train()
-        self.resident = ResidentAtStart()
 
     # ---- setup: everything that can fail on bad input happens before the run folder exists ----
 

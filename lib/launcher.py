@@ -387,8 +387,9 @@ def _local_env(host_processes: int) -> dict[str, str]:
 
     env = {"PYTHONUNBUFFERED": "1", GPUS_VARIABLE: "1", HOST_PROCESSES_VARIABLE: str(host_processes)}
     if "OMP_NUM_THREADS" not in os.environ:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        env["OMP_NUM_THREADS"] = str(max(1, cores // host_processes))
+        from lib.plan import usable_cores
+
+        env["OMP_NUM_THREADS"] = str(max(1, len(usable_cores()) // host_processes))
     return env
 
 

@@ -177,19 +177,22 @@ def cpu_share() -> int:
     value = os.environ.get("OMP_NUM_THREADS", "").strip()
     if value.isdigit() and int(value) >= 1:
         return int(value)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // host_processes())
+    return max(1, len(usable_cores()) // host_processes())
+
+
+def usable_cores() -> list[int]:
+    """The CPU cores this process may run on (its affinity; every core where the OS has no affinity)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
 
 
 def idle_cores(sample_s: float = 0.5) -> float:
     """Cores of this process's affinity left idle by everything running, over `sample_s` seconds."""
     import psutil
 
-    usable = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     busy = psutil.cpu_percent(interval=sample_s, percpu=True)
-    if usable is not None:
-        busy = [busy[core] for core in usable if core < len(busy)]
-    return sum(100.0 - percent for percent in busy) / 100.0
+    return sum(100.0 - busy[core] for core in usable_cores() if core < len(busy)) / 100.0
 
 
 def resolve_precision(precision: str, on_gpu: bool | None = None) -> str:
