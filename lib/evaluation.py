@@ -32,7 +32,7 @@ class Evaluator:
         self.tokenizer.padding_side = "left"  # generated tokens must follow the prompt directly
         self.model = load_base_model(model_path, load_in_4bit)
         self.model.eval()
-        self.batch_size = batch_size or (64 if self.model.device.type == "cuda" else 16)  # a GPU takes more rows
+        self.batch_size = batch_size or generation_batch_size(self.model)
         self.adapters: dict[str, str] = {}
         self.adapter_formats: dict[str, str] = {}  # adapter name -> the prompt format it was trained with
 
@@ -134,6 +134,31 @@ class Evaluator:
                           "base": base, "adapter": tuned}
                          for row, base, tuned in list(zip(rows, base_answers, adapter_answers))[:examples]],
         }
+
+
+CPU_GENERATION_BATCH = 16
+GPU_GENERATION_BATCH = (16, 256)   # rows a batch on a GPU: at least, at most
+KV_CACHE_SHARE = 0.2               # of the GPU's free memory, for the batch's key/value cache
+ROW_TOKENS = 1024                  # prompt and answer tokens a row is planned for
+
+
+def generation_batch_size(model) -> int:
+    """Rows generated together: 16 on a CPU; on a GPU as many as KV_CACHE_SHARE of its free memory holds
+    the key/value cache for (ROW_TOKENS each), within GPU_GENERATION_BATCH. Greedy decoding costs about the
+    same per step for 1 row or 256 on a GPU, so a small model answers 200 rows in one batch; a large one
+    gets fewer rows so that its cache fits."""
+    import torch
+
+    if model.device.type != "cuda":
+        return CPU_GENERATION_BATCH
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    row_bytes = 2 * config.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize * ROW_TOKENS
+    free, _ = torch.cuda.mem_get_info(model.device)
+    low, high = GPU_GENERATION_BATCH
+    return max(low, min(high, int(KV_CACHE_SHARE * free // row_bytes)))
 
 
 def trained_config(adapter_dir: str | Path) -> dict:

@@ -164,12 +164,13 @@ class FineTuner:
 
     def _build_trainer(self, model):
         from datasets import Dataset
-        from trl import SFTTrainer
+
+        from lib.trainer import QLoRATrainer
 
         rows = to_prompt_completion(self.train_rows, self.format) if self.train_dataset is None else self.train_dataset
         args = self._training_args()
         use_one_gpu(args)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+        trainer = QLoRATrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=self.tokenizer, peft_config=self.lora_config)
         if trainer.args.fp16:  # fp16 loss scaling unscales fp32 gradients only; TRL casts 4-bit adapters to bf16
             for parameter in trainer.model.parameters():
@@ -215,6 +216,7 @@ class FineTuner:
             seed=config.seed,
             data_seed=config.seed,
             include_num_input_tokens_seen="non_padding",
+            logging_nan_inf_filter=False,  # its check reads the loss back every pass; a NaN loss shows in the log
             ddp_find_unused_parameters=False,  # only LoRA weights train; every one gets a gradient
             report_to="none",
         )

@@ -179,18 +179,41 @@ def load_base_model(model_path: str, load_in_4bit: bool, device_map=None, attent
                     precision: str = "auto", sharded: bool = False):
     """The base model, 4-bit quantized when asked, on `device_map` (default: this process's device), computing
     in `precision` with the attention implementation `attention` (as lib.plan decided them for training;
-    None: the model's own default, for inference); sharded: for FSDP (quantization_config)."""
+    None: the model's own default, for inference); sharded: for FSDP (quantization_config).
+
+    Sharded 4-bit on a GPU, the model is loaded and quantized on the CPU, and only the small quantization
+    states go to the GPU: FSDP then moves each process's shards of the weights there (accelerate's
+    fsdp2_prepare_model), so no GPU ever holds the whole model (loaded on the GPU, each process held it whole
+    before sharding, and the whole weights and the shards together while sharding)."""
     from transformers import AutoModelForCausalLM
 
+    device = process_device()
+    cpu_first = sharded and load_in_4bit and device != "cpu" and device_map is None
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=torch_dtype(precision),
         quantization_config=quantization_config(load_in_4bit, precision, sharded),
-        device_map=device_map or {"": process_device()},
+        device_map=device_map or {"": "cpu" if cpu_first else device},
         attn_implementation=None if attention == VARLEN else attention,
     )
+    if cpu_first:
+        move_quant_states(model, f"cuda:{device}")
     if attention == VARLEN:  # registered with transformers first, then switched to
         model.set_attn_implementation(varlen_attention.register())
     return model
+
+
+def move_quant_states(model, device) -> int:
+    """Move the 4-bit layers' quantization states (scales and code books, kept by each layer and its weight)
+    to `device`, leaving the packed weights where they are; the number of layers."""
+    moved = 0
+    for module in model.modules():
+        states = {id(state): state for state in (getattr(module, "quant_state", None),
+                                                 getattr(getattr(module, "weight", None), "quant_state", None))
+                  if state is not None}
+        for state in states.values():
+            state.to(device)
+        moved += bool(states)
+    return moved
 
 
 def process_device():

@@ -59,7 +59,8 @@ class LogLastStep(TrainerCallback):
 
 class ProgressLines(TrainerCallback):
     """Prints a progress line at the first step, then at most every `interval` seconds, and at the last step
-    (main process only)."""
+    (main process only). Tokens/s is measured up to the last log: the trainer (lib.trainer) reads its token
+    count back from the GPU only when it logs."""
 
     def __init__(self, interval: float | None = None, stream=None):
         self.interval = interval_s() if interval is None else interval
@@ -67,25 +68,37 @@ class ProgressLines(TrainerCallback):
         self.loss = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.started, self.printed_at = time.monotonic(), None
+        self.started, self.printed_at, self.printed_last = time.monotonic(), None, False
         self.first_step, self.first_tokens = state.global_step, state.num_input_tokens_seen or 0
+        self.logged_at, self.logged_tokens = self.started, self.first_tokens
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.loss = float(logs["loss"])
+        self.logged_at, self.logged_tokens = time.monotonic(), state.num_input_tokens_seen or 0
+        if state.global_step >= state.max_steps and not self.printed_last:
+            self._print(state)  # the last step's line, after its log has counted every token
+            self.printed_last = True
 
     def on_step_end(self, args, state, control, **kwargs):
         now = time.monotonic()
-        last = state.global_step >= state.max_steps
-        if not state.is_world_process_zero or (
-                self.printed_at is not None and now - self.printed_at < self.interval and not last):
+        if state.global_step >= state.max_steps or (
+                self.printed_at is not None and now - self.printed_at < self.interval):
             return
+        self._print(state)
         self.printed_at = now
+
+    def _print(self, state) -> None:
+        if not state.is_world_process_zero:
+            return
+        now = time.monotonic()
         elapsed = max(now - self.started, 1e-9)
         done = state.global_step - self.first_step
         remaining = (state.max_steps - state.global_step) * elapsed / done if done else 0.0
-        tokens_per_s = ((state.num_input_tokens_seen or 0) - self.first_tokens) / elapsed
+        counted = max(self.logged_at - self.started, 1e-9)
+        tokens = self.logged_tokens - self.first_tokens
+        speed = f"{tokens / counted:,.0f}" if tokens > 0 else "-"  # nothing counted before the first log
         loss = f"loss {self.loss:.4f}" if self.loss is not None else "loss -"
         print(f"step {state.global_step}/{state.max_steps} ({100 * state.global_step / max(state.max_steps, 1):.0f}%)"
-              f" · {loss} · {tokens_per_s:,.0f} tokens/s · elapsed {clock(elapsed)} · remaining ~{clock(remaining)}",
+              f" · {loss} · {speed} tokens/s · elapsed {clock(elapsed)} · remaining ~{clock(remaining)}",
               file=self.stream or sys.stdout, flush=True)

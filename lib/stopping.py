@@ -9,7 +9,9 @@ finishes its step, saves a checkpoint and ends, so the same command resumes from
         raise TrainingStopped(stop.signal_name, stop.stopped_at, checkpoint)
 
 In a distributed run the ranks agree after every step (one all-reduce of one number), so they all
-stop at the same step and save one checkpoint together, whichever of them got the signal.
+stop at the same step and save one checkpoint together, whichever of them got the signal. The number goes
+through a CPU process group (gloo), never through the GPU: reading a GPU result back after every step
+would make the CPU wait for the GPU's work of the whole step each time.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class StopOnSignal(TrainerCallback):
         self.signal_name: str | None = None  # the signal this process received
         self.stopped_at: int | None = None   # the step training stopped after
         self._previous = {}
+        self._group = None  # the CPU process group the ranks agree through
 
     @contextlib.contextmanager
     def installed(self):
@@ -63,6 +66,13 @@ class StopOnSignal(TrainerCallback):
             print(f"{self.signal_name} received: saving a checkpoint at the end of this step, then stopping",
                   file=sys.stderr, flush=True)
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # every rank makes the group here, together; gloo's default group serves as it is
+            self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
     def on_step_end(self, args, state, control, **kwargs):
         if self._any_rank_asked(args):
             control.should_save = True
@@ -77,8 +87,7 @@ class StopOnSignal(TrainerCallback):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             import torch
 
-            device = args.device if args.device.type == "cuda" else torch.device("cpu")
-            flag = torch.tensor([int(asked)], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            flag = torch.tensor([int(asked)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
             asked = bool(flag.item())
         return asked

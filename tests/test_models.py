@@ -77,6 +77,40 @@ def test_4bit_nf4_double_quant_loads_on_cpu(embedded_dir):
     assert torch.isfinite(logits).all()
 
 
+def test_sharded_4bit_on_a_gpu_loads_on_the_cpu_and_moves_only_quantization_states(embedded_dir, monkeypatch):
+    """FSDP with 4-bit weights: a GPU process loads and quantizes on the CPU; the quantization states go to
+    its GPU (here the meta device stands for it), the packed weights stay for FSDP to move shard by shard."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    loads, real_load = [], AutoModelForCausalLM.from_pretrained
+
+    def recorded(*args, **kwargs):
+        loads.append(kwargs["device_map"])
+        if kwargs["device_map"] != {"": "cpu"}:
+            raise LookupError("no GPU here")  # only the placement asked for matters
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", recorded)
+    monkeypatch.setattr(models, "process_device", lambda: 1)  # this process's GPU: cuda:1
+    moved = []
+    monkeypatch.setattr(models, "move_quant_states", lambda model, device: moved.append(device))
+    model = models.load_base_model(embedded_dir, load_in_4bit=True, precision="bf16", sharded=True)
+    assert loads == [{"": "cpu"}] and moved == ["cuda:1"]
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16  # packed bytes stored as bf16
+    with pytest.raises(LookupError):
+        models.load_base_model(embedded_dir, load_in_4bit=True, precision="bf16", sharded=False)
+    assert loads[-1] == {"": 1}  # unsharded: straight onto the GPU, as before
+
+    monkeypatch.undo()
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert models.move_quant_states(model, "meta") == len(layers) == 30 * 7
+    for layer in layers:
+        assert layer.quant_state.absmax.device.type == "meta" and layer.weight.quant_state is layer.quant_state
+        assert layer.weight.device.type == "cpu"
+
+
 def test_quantization_switch_off():
     assert models.quantization_config(False) is None
     config = models.quantization_config(True)
@@ -92,3 +126,26 @@ def test_inference_prompt_tokens_are_a_prefix_of_training_tokens(embedded_dir, t
         prompt_ids = tokenizer(task.prompt(row)).input_ids
         text_ids = tokenizer(task.text(row)).input_ids
         assert text_ids[:len(prompt_ids)] == prompt_ids, task.prompt(row)
+
+
+def test_generation_batch_follows_the_key_value_cache_on_a_gpu(monkeypatch):
+    """Rows generated together: 16 on a CPU; on a GPU what a fifth of the free memory holds of the cache."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from lib import evaluation
+
+    def model_of(device, layers, kv_heads, head_dim, heads=32):
+        text = SimpleNamespace(num_attention_heads=heads, head_dim=head_dim, num_key_value_heads=kv_heads,
+                               num_hidden_layers=layers, hidden_size=heads * head_dim)
+        return SimpleNamespace(device=torch.device(device), dtype=torch.bfloat16,
+                               config=SimpleNamespace(get_text_config=lambda: text))
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * 2**30, 140 * 2**30))
+    assert evaluation.generation_batch_size(model_of("cpu", 30, 3, 64)) == 16
+    assert evaluation.generation_batch_size(model_of("cuda", 30, 3, 64, heads=9)) == 256  # embedded: 23 MB a row
+    llama_8b = evaluation.generation_batch_size(model_of("cuda", 32, 8, 128))  # 134 MB a row: 20 GiB hold 160
+    assert llama_8b == int(0.2 * 100 * 2**30 // (2 * 32 * 8 * 128 * 2 * 1024)) == 160
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**30, 140 * 2**30))
+    assert evaluation.generation_batch_size(model_of("cuda", 32, 8, 128)) == 16  # never below 16

@@ -1,0 +1,86 @@
+"""The trainer the FineTuner uses: TRL's SFTTrainer, less the host synchronisations it makes on every pass.
+
+TRL 1.16's SFTTrainer reads three numbers back from the GPU after every forward pass (entropy, token
+accuracy, tokens; each after a gather across processes), and transformers' Trainer one more after it (the
+tokens seen, gathered). Each read makes the CPU wait until the GPU has finished the pass, and then the GPU
+waits while the CPU launches the next kernels; with several processes each gather is also a meeting of all
+of them in the middle of a step, so every step waits for the slowest process more than once.
+`QLoRATrainer` keeps those numbers on the device and reads them once, when the trainer logs (every
+`logging_steps`): the logged values are the same, computed from the same per-pass sums.
+
+Only the plain path is changed (training, negative log-likelihood loss, no custom loss function, label
+smoothing or auxiliary loss); every other case is TRL's own code.
+"""
+
+from __future__ import annotations
+
+import torch
+from trl import SFTTrainer
+
+
+class QLoRATrainer(SFTTrainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pending_sums: list = []      # per training pass: label tokens, entropy sum, top-1 hits, tokens
+        self._pending_input_tokens = None  # tokens seen since the last read (a device tensor)
+
+    def _plain_path(self, model, return_outputs: bool) -> bool:
+        return (model.training and not return_outputs and self.compute_loss_func is None
+                and self.label_smoother is None and not self.aux_loss_enabled and self.args.loss_type == "nll")
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self._plain_path(model, return_outputs):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs["use_cache"] = False
+        outputs = model(**inputs, fused_lm_head=True)  # TRL's chunked LM head: log-probs, no full logits
+        tokens_scored = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = -outputs.log_probs.sum() / torch.as_tensor(tokens_scored).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as TRL: DDP averages gradients
+        if "attention_mask" in inputs:
+            tokens = inputs["attention_mask"].sum()
+        else:  # padding-free: one row, every position a token
+            tokens = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+        self._pending_sums.append(torch.stack([
+            outputs.label_mask.sum().double(), outputs.entropy.detach().sum().double(),
+            outputs.is_top1.sum().double(), tokens.double()]))
+        return loss
+
+    def _track_num_input_tokens(self, inputs):
+        if self.args.include_num_input_tokens_seen == "no" or "input_ids" not in inputs:
+            return super()._track_num_input_tokens(inputs)
+        ids = inputs["input_ids"]
+        if self.args.include_num_input_tokens_seen == "non_padding" and "attention_mask" in inputs:
+            count = inputs["attention_mask"].sum()
+        elif self.args.include_num_input_tokens_seen == "non_padding" and self.processing_class is not None \
+                and getattr(self.processing_class, "pad_token_id", None) is not None:
+            count = (ids != self.processing_class.pad_token_id).sum()
+        else:
+            count = torch.tensor(ids.numel(), device=ids.device)
+        count = count.to(self.args.device, torch.int64)
+        self._pending_input_tokens = count if self._pending_input_tokens is None else self._pending_input_tokens + count
+
+    def read_pending(self) -> None:
+        """Move the numbers kept on the device into the trainer's state and metrics: one reduction across the
+        processes and one read. Every process calls it (from log and checkpoint saving, which all make)."""
+        if self._pending_input_tokens is not None:
+            tokens = self.accelerator.reduce(self._pending_input_tokens, reduction="sum")
+            self.state.num_input_tokens_seen += int(tokens.item())
+            self._pending_input_tokens = None
+        if self._pending_sums:
+            rows = self.accelerator.reduce(torch.stack(self._pending_sums), reduction="sum").tolist()
+            self._pending_sums = []
+            metrics = self._metrics["train"]
+            for scored, entropy, correct, tokens in rows:
+                metrics["entropy"].append(entropy / scored if scored > 0 else 0.0)
+                metrics["mean_token_accuracy"].append(correct / scored if scored > 0 else 0.0)
+                self._total_train_tokens += int(tokens) // self._tp_size
+            metrics["num_tokens"] = [self._total_train_tokens]
+
+    def log(self, logs, start_time=None):
+        self.read_pending()
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial):
+        self.read_pending()  # the checkpoint's trainer state counts every token trained on
+        super()._save_checkpoint(model, trial)

@@ -1,0 +1,131 @@
+"""lib.trainer.QLoRATrainer: the same logged numbers as TRL's SFTTrainer, without reading the GPU back on
+every pass; lib.stopping's per-step agreement through a CPU process group.
+
+Run: python -m pytest tests/test_trainer.py   (about 1.5 minutes on 2 CPU cores; four tiny training runs)
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+from lib import trainer as trainer_module
+from lib.config import RunConfig
+from lib.fine_tuner import FineTuner
+
+TRAINER_FILES = (os.path.join("trl", "trainer", "sft_trainer.py"), os.path.join("transformers", "trainer.py"),
+                 os.path.join("lib", "trainer.py"))
+LOGGED = ("loss", "entropy", "mean_token_accuracy", "num_tokens", "num_input_tokens_seen", "grad_norm")
+
+
+def count_reads(trainer) -> dict:
+    """Counts the device-to-host reads (item, tolist, bool) made inside the per-pass methods."""
+    reads = {"count": 0}
+    inside = {"depth": 0}
+
+    def per_pass(method):
+        def wrapped(*args, **kwargs):
+            inside["depth"] += 1
+            try:
+                return method(*args, **kwargs)
+            finally:
+                inside["depth"] -= 1
+        return wrapped
+
+    for name in ("compute_loss", "_track_num_input_tokens"):
+        setattr(trainer, name, per_pass(getattr(trainer, name)))
+    return reads, inside
+
+
+@pytest.fixture
+def reads_counted(monkeypatch):
+    """Patches Tensor.item/tolist/__bool__ to count the calls that the trainers' own code makes while a
+    per-pass method runs (the model's forward may read too, e.g. transformers' padding-mask check; both
+    trainers share that)."""
+    state = {"counters": []}
+
+    def counting(original):
+        def wrapped(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            for reads, inside in state["counters"]:
+                if inside["depth"] and caller.endswith(TRAINER_FILES):
+                    reads["count"] += 1
+            return original(self, *args, **kwargs)
+        return wrapped
+
+    for name in ("item", "tolist", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name)))
+    return state
+
+
+@pytest.mark.parametrize("task,packing", [("sql", False), ("detox", True)])
+def test_same_logged_numbers_as_trl_without_per_pass_reads(tmp_path, monkeypatch, reads_counted, task, packing):
+    history, (reads, inside), record = _run(tmp_path / "ours", task, packing, reads_counted)
+    assert reads["count"] == 0, "QLoRATrainer read the device back inside a training pass"
+    assert record["train_tokens"] == history[-1]["num_input_tokens_seen"] > 0
+    assert len(history) == 3 and all(entry["entropy"] > 0 for entry in history)
+
+    from trl import SFTTrainer
+
+    monkeypatch.setattr(trainer_module, "QLoRATrainer", SFTTrainer)  # TRL's own, for the reference
+    reference, (reference_reads, _), _ = _run(tmp_path / "trl", task, packing, reads_counted)
+    assert reference_reads["count"] > 0  # the check can see reads: TRL's compute_loss makes them
+    assert [entry.keys() for entry in history] == [entry.keys() for entry in reference]
+    for got, expected in zip(history, reference):
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def _run(tmp_path, task, packing, reads_counted):
+    config = RunConfig.for_task(task, "cpu", train_rows=24, eval_rows=1, max_steps=3, logging_steps=1,
+                                batch_size=2, max_seq_length=128, packing=packing, tracking="off",
+                                output_dir=str(tmp_path), run_name=task)
+    tuner = FineTuner(config).setup()
+    counter = count_reads(tuner.trainer)
+    reads_counted["counters"].append(counter)
+    result = tuner.train()
+    history = [{key: entry[key] for key in LOGGED if key in entry}
+               for entry in tuner.trainer.state.log_history if "loss" in entry]
+    return history, counter, result.record
+
+
+def _agree(rank: int, world: int, port: int, asked_rank: int, results) -> None:
+    import torch.distributed as dist
+    from types import SimpleNamespace
+
+    from lib.stopping import StopOnSignal
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        stop = StopOnSignal()
+        real_backend = dist.get_backend
+        dist.get_backend = lambda *args: "nccl"  # as on GPUs: the stop flag gets a CPU group of its own
+        stop.on_train_begin(None, None, None)
+        dist.get_backend = real_backend
+        assert stop._group is not None
+        first = stop._any_rank_asked(SimpleNamespace())
+        stop.signal_name = "SIGTERM" if rank == asked_rank else None
+        second = stop._any_rank_asked(SimpleNamespace())
+        results.put((rank, first, second))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_agree_on_a_stop_through_a_cpu_group():
+    import multiprocessing
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=_agree, args=(rank, 2, port, 1, results)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(120)
+        assert process.exitcode == 0
+    got = sorted(results.get(timeout=5) for _ in processes)
+    assert got == [(0, False, True), (1, False, True)]  # rank 1 got the signal; both stop
