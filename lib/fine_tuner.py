@@ -11,6 +11,8 @@ class decides what to train on, where results go, and what is recorded.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import platform
 import resource
@@ -249,7 +251,7 @@ class FineTuner:
             self.trainer.add_callback(callback)
         started = time.perf_counter()
         try:
-            with stop.installed():
+            with stop.installed(), frozen_heap():
                 output = self.trainer.train(resume_from_checkpoint=resume_from)
             if stop.stopped_at is not None:
                 self.trainer.accelerator.wait_for_everyone()
@@ -372,6 +374,19 @@ def use_one_gpu(args) -> None:
         print(f"{args.n_gpu} GPUs visible to this one process: training on the first only (one process per GPU: "
               "python -m lib.train or lib.launcher)", flush=True)
         args._n_gpu = 1  # what the Trainer itself sets for a model placed across several GPUs
+
+
+@contextlib.contextmanager
+def frozen_heap():
+    """Training with Python's garbage collector leaving alone every object made before it (gc.freeze): its
+    full collections otherwise walk all the objects of the loaded libraries, the model and the data, pausing
+    a step now and then; with several processes each pause holds the others at the next gradient exchange."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def warmup_share(ratio: float) -> float:

@@ -41,9 +41,10 @@ class QLoRATrainer(SFTTrainer):
             tokens = inputs["attention_mask"].sum()
         else:  # padding-free: one row, every position a token
             tokens = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+        device = outputs.log_probs.device  # the batch may sit elsewhere (e.g. FSDP with the weights offloaded)
         self._pending_sums.append(torch.stack([
-            outputs.label_mask.sum().double(), outputs.entropy.detach().sum().double(),
-            outputs.is_top1.sum().double(), tokens.double()]))
+            value.double().to(device) for value in (outputs.label_mask.sum(), outputs.entropy.detach().sum(),
+                                                     outputs.is_top1.sum(), tokens)]))
         return loss
 
     def _track_num_input_tokens(self, inputs):

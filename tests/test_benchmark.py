@@ -100,3 +100,21 @@ def test_memory_runs_start_what_users_start():
     assert "max_steps=-1" in notebook and "eval_rows=4" in notebook
     launcher, extra = memory_runs.command("two-processes", Path("/tmp/out"), 5, 4)
     assert launcher[1:3] == ["-m", "lib.launcher"] and "local" in launcher and extra == {"NUM_GPU_WORKERS": "2"}
+
+
+def test_task_speed_times_a_recipe_and_its_evaluation(tmp_path):
+    """tools/task_speed.py: a task recipe trained, held-out rows answered with the adapter and the base model,
+    each timed; one row a repeat, appended to --out."""
+    from tools import task_speed
+
+    out = tmp_path / "speed.json"
+    args = ["--task", "sql", "--max-steps", "2", "--eval-rows", "3", "--repeats", "2", "--set", "train_rows=16",
+            "--set", "max_seq_length=128", "--output-dir", str(tmp_path / "runs"), "--out", str(out)]
+    assert task_speed.main(args) == 0
+    rows = json.loads(out.read_text())
+    assert [row["repeat"] for row in rows] == [0, 1]
+    for row in rows:
+        assert row["eval_rows"] == 3 and row["eval_batch"] == 16  # a CPU's batch
+        assert row["eval_s_adapter"] > 0 and row["eval_s_base"] > 0 and row["train_tokens_per_s"] > 0
+        assert row["settings"]["train_rows"] == 16 and set(row["scores"]) == {"exact_match", "executable",
+                                                                             "execution_match"}

@@ -278,8 +278,9 @@ def test_a_70b_model_in_16_bits_is_sharded_over_two_gpus_and_each_holds_half(lla
     for part in SHARDED_PARTS:
         assert shard[part] == whole[part] / 2
     gathered = memory.GATHERED_LAYERS * shapes.linear_parameters / shapes.num_layers * 2  # two bf16 layers whole
-    assert shard["base weights"] == pytest.approx(whole["base weights"] / 2 + gathered)
-    assert 0.5 < shard["base weights"] / whole["base weights"] < 0.53
+    head = shapes.vocab_size * shapes.hidden_size * 2  # and the output head, whole from the loss to its backward
+    assert shard["base weights"] == pytest.approx(whole["base weights"] / 2 + gathered + head)
+    assert 0.5 < shard["base weights"] / whole["base weights"] < 0.55
     assert shard["activations"] == whole["activations"]  # each process's own
     assert not decide(config.replace(distributed="ddp"), shapes, on_gpu=True, processes=2).sharded
     assert not decide(config.replace(distributed="fsdp"), shapes, on_gpu=True, processes=1).sharded
@@ -293,7 +294,7 @@ def test_qlora_70b_fits_each_gpu_whole_so_auto_keeps_ddp_and_fsdp_halves_its_wei
     plan = decide(config.replace(distributed="fsdp"), shapes, on_gpu=True, processes=2)
     whole = memory.training_memory(shapes, config, dataclasses.replace(plan, sharded=False), 1)
     shard = memory.training_memory(shapes, config, plan, 1)
-    assert plan.sharded and 0.5 < shard["base weights"] / whole["base weights"] < 0.53
+    assert plan.sharded and 0.5 < shard["base weights"] / whole["base weights"] < 0.6  # half + gathered parts
     assert all(shard[part] == whole[part] / 2 for part in SHARDED_PARTS)
 
 

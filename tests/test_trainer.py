@@ -4,11 +4,14 @@ every pass; lib.stopping's per-step agreement through a CPU process group.
 Run: python -m pytest tests/test_trainer.py   (about 1.5 minutes on 2 CPU cores; four tiny training runs)
 """
 
+import gc
 import os
 import sys
 
 import pytest
 import torch
+
+from transformers import TrainerCallback
 
 from lib import trainer as trainer_module
 from lib.config import RunConfig
@@ -17,6 +20,14 @@ from lib.fine_tuner import FineTuner
 TRAINER_FILES = (os.path.join("trl", "trainer", "sft_trainer.py"), os.path.join("transformers", "trainer.py"),
                  os.path.join("lib", "trainer.py"))
 LOGGED = ("loss", "entropy", "mean_token_accuracy", "num_tokens", "num_input_tokens_seen", "grad_norm")
+
+
+class FrozenObjects(TrainerCallback):
+    def __init__(self):
+        self.counts = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.counts.append(gc.get_freeze_count())
 
 
 def count_reads(trainer) -> dict:
@@ -84,7 +95,10 @@ def _run(tmp_path, task, packing, reads_counted):
     tuner = FineTuner(config).setup()
     counter = count_reads(tuner.trainer)
     reads_counted["counters"].append(counter)
+    frozen = FrozenObjects()
+    tuner.trainer.add_callback(frozen)
     result = tuner.train()
+    assert min(frozen.counts) > 0 and gc.get_freeze_count() == 0  # gc.freeze() while training, undone after
     history = [{key: entry[key] for key in LOGGED if key in entry}
                for entry in tuner.trainer.state.log_history if "loss" in entry]
     return history, counter, result.record

@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     from lib.tasks import get_task
 
     overrides = parse_overrides(args.set)
-    config = RunConfig.for_task(args.task, **{"max_steps": args.max_steps, "eval_rows": args.eval_rows,
+    config = RunConfig.for_task(args.task, "auto", **{"max_steps": args.max_steps, "eval_rows": args.eval_rows,
                                              "output_dir": args.output_dir, "tracking": "off",
                                              "run_name": f"{args.task}-{time.strftime('%H%M%S')}", **overrides})
     tuner = FineTuner(config)
