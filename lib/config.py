@@ -23,7 +23,7 @@ DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 TARGET_PRESETS = ("all-linear", "attention")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-ATTENTIONS = ("auto", "varlen", "sdpa", "eager")
+ATTENTIONS = ("auto", "varlen", "sdpa", "eager", "flex")
 OPTIMIZERS = ("auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit")
 SWITCHES = ("auto", "on", "off")
 DISTRIBUTED = ("auto", "ddp", "fsdp")
@@ -88,6 +88,7 @@ class RunConfig:
     gradient_checkpointing: Any = "auto"  # auto (on with CUDA) | true | false: recompute activations, less memory
     precision: str = "auto"               # auto (bf16 if supported, else fp16 GPU/fp32 CPU) | bf16 | fp16 | fp32
     attention: str = "auto"               # auto (varlen flash kernel on CUDA, else sdpa/eager) | varlen | sdpa | eager
+                                          # | flex (bloom: ALiBi with packed examples kept apart, lib/alibi.py)
     optimizer: str = "auto"               # auto (fused AdamW on GPU, AdamW on CPU) or one of OPTIMIZERS
     liger_kernel: str = "auto"            # auto (on with CUDA + liger-kernel) | on | off: fused norm/RoPE/SwiGLU
     max_grad_norm: float = 0.3            # gradient clipping, as in the QLoRA paper

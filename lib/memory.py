@@ -96,6 +96,7 @@ class ModelShapes:
     keeps_examples_apart: bool = True         # attention reads position_ids: packing is padding-free
     flash_capable: bool = True                # runs on transformers' attention functions (varlen/SDPA)
     varlen_capable: bool = True               # ... and has no sliding window: can run lib.attention's varlen
+    alibi_capable: bool = False               # ALiBi attention lib.alibi can replace (bloom): the "flex" attention
     layer_class: str = ""                     # the decoder layer's class (LlamaDecoderLayer): FSDP wraps each one
 
     @property
@@ -121,6 +122,7 @@ class ModelShapes:
 
 def read_shapes(model_path: str) -> ModelShapes:
     """The shapes of the model at `model_path`, read from a meta-device copy (no weights loaded)."""
+    from lib import alibi
     from lib.attention import keeps_packed_examples_apart, suits
 
     model = empty_model(model_path)
@@ -143,6 +145,7 @@ def read_shapes(model_path: str) -> ModelShapes:
         keeps_examples_apart=keeps_packed_examples_apart(model),
         flash_capable=bool(getattr(model, "_supports_attention_backend", False)),
         varlen_capable=suits(model),
+        alibi_capable=alibi.suits(model),
         layer_class=",".join(getattr(model, "_no_split_modules", None) or []),
     )
 

@@ -18,7 +18,8 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
-from lib import attention as varlen_attention
+from lib import alibi, attention as varlen_attention
+from lib.alibi import FLEX
 from lib.attention import VARLEN
 from lib.config import ConfigError
 from lib.plan import torch_dtype
@@ -193,12 +194,14 @@ def load_base_model(model_path: str, load_in_4bit: bool, device_map=None, attent
         model_path, dtype=torch_dtype(precision),
         quantization_config=quantization_config(load_in_4bit, precision, sharded),
         device_map=device_map or {"": "cpu" if cpu_first else device},
-        attn_implementation=None if attention == VARLEN else attention,
+        attn_implementation=None if attention in (VARLEN, FLEX) else attention,
     )
     if cpu_first:
         move_quant_states(model, f"cuda:{device}")
     if attention == VARLEN:  # registered with transformers first, then switched to
         model.set_attn_implementation(varlen_attention.register())
+    if attention == FLEX:  # bloom's own attention, replaced layer by layer
+        alibi.install(model)
     return model
 
 

@@ -11,11 +11,13 @@ the memory estimate (lib.memory) reads it too. Nothing else decides an "auto".
 |----------------------------|-------------------------------------------------------------------------------|
 | precision                  | bf16 where the hardware computes it natively; fp16 on older GPUs; else fp32   |
 | attention                  | varlen flash attention on CUDA where the model's attention allows it; SDPA;   |
-|                            | eager for models without transformers' attention functions (bloom)            |
+|                            | eager for models without transformers' attention functions (bloom; "flex" is  |
+|                            | its packed path, chosen explicitly until measured on a GPU)                   |
 | optimizer                  | fused AdamW on a GPU, plain AdamW on a CPU                                    |
 | gradient_checkpointing     | on a GPU (trades ~30% speed for activations), off on a CPU                    |
 | liger_kernel               | on where its Triton kernels run (CUDA, liger-kernel installed)               |
-| packing (asked)            | kept only for models that read position_ids (packed examples stay apart)      |
+| packing (asked)            | kept only for models that read position_ids (packed examples stay apart), and |
+|                            | for bloom with attention="flex" (lib/alibi.py keeps them apart)               |
 | micro_batch_size           | the largest divisor of batch_size whose estimate fits memory_budget_gib       |
 | cpu_threads (CPU only)     | this process's share of the cores (OMP_NUM_THREADS, else cores / processes   |
 |                            | on this host), less the cores other programs keep busy when training starts   |
@@ -32,6 +34,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from lib.alibi import FLEX
 from lib.attention import VARLEN, flash_varlen_available
 from lib.config import ConfigError
 
@@ -92,15 +95,16 @@ def decide(config, shapes, on_gpu: bool | None = None, longest_example: int | No
     import torch
 
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    attention = decide_attention(config.attention, shapes, on_gpu)
     plan = Plan(
         on_gpu=on_gpu,
         precision=resolve_precision(config.precision, on_gpu),
-        attention=decide_attention(config.attention, shapes, on_gpu),
+        attention=attention,
         optimizer=config.optimizer if config.optimizer != "auto" else
         ("adamw_torch_fused" if on_gpu else "adamw_torch"),
         checkpointing=bool(on_gpu if config.gradient_checkpointing == "auto" else config.gradient_checkpointing),
         liger=liger_enabled(config.liger_kernel, on_gpu),
-        packed=bool(config.packing and shapes.keeps_examples_apart),
+        packed=bool(config.packing and (shapes.keeps_examples_apart or attention == FLEX)),
         processes=processes or max(int(os.environ.get("WORLD_SIZE", 1)), 1),
         longest_example=longest_example or None,
     )
@@ -230,6 +234,8 @@ def decide_attention(requested: str, shapes, on_gpu: bool) -> str:
     is their own (bloom's ALiBi), which transformers' attention functions cannot replace."""
     if requested == VARLEN and not shapes.varlen_capable:
         raise ConfigError("attention", requested, "auto, sdpa or eager: this model's attention cannot use varlen")
+    if requested == FLEX and not shapes.alibi_capable:
+        raise ConfigError("attention", requested, "auto, varlen, sdpa or eager: flex is for ALiBi models (bloom)")
     if requested != "auto":
         return requested
     if not shapes.flash_capable:

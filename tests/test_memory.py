@@ -180,6 +180,11 @@ def test_the_plan_decides_every_auto_from_config_shapes_and_device(llama, shapes
     bloom = memory.read_shapes(shapes_dirs["bloom-1b1"])
     bloom_plan = decide(config.replace(base_model=shapes_dirs["bloom-1b1"]), bloom, on_gpu=True)
     assert (bloom_plan.attention, bloom_plan.packed) == ("eager", False)
+    flex_plan = decide(config.replace(base_model=shapes_dirs["bloom-1b1"], attention="flex"), bloom, on_gpu=True)
+    assert (flex_plan.attention, flex_plan.packed, flex_plan.attention_kernel) == ("flex", True, "flash")
+    assert bloom.alibi_capable and not llama.alibi_capable
+    with pytest.raises(ConfigError, match="ALiBi"):
+        decide(config.replace(attention="flex"), llama, on_gpu=True)
     explicit = decide(config.replace(optimizer="paged_adamw_8bit", gradient_checkpointing=False, precision="fp32",
                                      attention="eager"), llama, on_gpu=True)
     assert (explicit.optimizer, explicit.checkpointing, explicit.precision, explicit.attention) == (

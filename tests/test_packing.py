@@ -98,3 +98,77 @@ def test_varlen_kernel_call_matches_the_masked_reference():
         varlen.varlen_attn = original
         attention._varlen_options.cache_clear()
     torch.testing.assert_close(got, attention.masked_sdpa(q, k, v, cu_seq_lens, 0.3), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_bloom(tmp_path_factory):
+    from tools import benchmark_core
+
+    return str(benchmark_core.build_random_model("tiny-bloom", tmp_path_factory.mktemp("tiny-bloom")))
+
+
+def test_bloom_flex_keeps_packed_examples_apart_forward_and_backward(tiny_bloom, examples):
+    """bloom with attention="flex" (lib/alibi.py): a packed row gives each example its loss alone, and the same
+    gradients; bloom's own attention on the same row (no position_ids) would not."""
+    model = models.load_base_model(tiny_bloom, load_in_4bit=False, attention="flex", precision="fp32")
+    examples = [[token % 500 + 2 for token in ids] for ids in examples]  # the tiny vocabulary
+    batch = packed_batch(examples)
+
+    def loss_and_grads(run):
+        model.zero_grad()
+        losses = run()
+        losses.sum().backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if "query_key_value" in name}
+        return losses.detach(), grads
+
+    packed_loss, packed_grads = loss_and_grads(lambda: losses_per_example(
+        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0],
+        batch["input_ids"][0], LENGTHS))
+    alone_loss, alone_grads = loss_and_grads(lambda: torch.stack([losses_per_example(
+        model(input_ids=torch.tensor([ids]), use_cache=False).logits[0], torch.tensor(ids), [len(ids)])[0]
+        for ids in examples]))
+    torch.testing.assert_close(packed_loss, alone_loss, rtol=1e-4, atol=1e-4)
+    for name, grad in alone_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-3, atol=1e-5)
+    with torch.no_grad():  # the control: bloom's own attention over the same row attends across examples
+        crossed = losses_per_example(model(input_ids=batch["input_ids"], use_cache=False).logits[0],
+                                     batch["input_ids"][0], LENGTHS)
+    # (random small weights attend almost evenly, so attending across examples moves the loss only a little)
+    assert (crossed - alone_loss)[1:].abs().max() > max(1e-5, 100 * (packed_loss - alone_loss).abs().max())
+
+
+def test_bloom_trains_packed_with_flex(tiny_bloom, tmp_path):
+    """Through the FineTuner: attention="flex" keeps packing on for bloom (auto turns it off), and trains."""
+    from lib.config import ConfigError, RunConfig
+    from lib.fine_tuner import FineTuner
+
+    rows = [{"input_ids": list(range(2, 2 + length))} for length in (20, 35, 12, 40, 25, 18, 30, 22)]
+    settings = dict(base_model=tiny_bloom, max_steps=3, batch_size=2, max_seq_length=64, logging_steps=1,
+                    tracking="off", output_dir=str(tmp_path))
+    tuner = FineTuner(RunConfig(attention="flex", run_name="flex", **settings), train_dataset=rows).setup()
+    assert (tuner.plan.attention, tuner.plan.packed) == ("flex", True)
+    result = tuner.train()
+    losses = [entry["loss"] for entry in result.record["loss_history"]]
+    assert len(losses) == 3 and all(0 < loss < 20 for loss in losses)
+    assert FineTuner(RunConfig(run_name="auto", **settings), train_dataset=rows).setup().plan.packed is False
+    with pytest.raises(ConfigError, match="flex is for ALiBi models"):
+        FineTuner(RunConfig(task="sql", attention="flex", tracking="off", output_dir=str(tmp_path))).setup()
+
+
+def test_alibi_flex_kernel_matches_the_dense_reference():
+    """lib.alibi.attend: the flex_attention call (score modification, example mask) against the dense SDPA
+    path (what CPUs train with), on rows of several examples and a padded tail."""
+    from lib import alibi
+
+    generator = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 4, 24, 8, generator=generator) for _ in range(3))
+    position_ids = torch.tensor([list(range(10)) + list(range(14)), list(range(6)) + list(range(18))])
+    padding = torch.ones(2, 24, dtype=torch.long)
+    padding[1, -3:] = 0
+    documents = alibi.documents(position_ids, padding)
+    assert documents[0].tolist() == [0] * 10 + [1] * 14 and documents[1, -3:].tolist() == [-1] * 3
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    dense = alibi.attend(q, k, v, documents, slopes, 8 ** -0.5, flex=False)
+    flex = alibi.attend(q, k, v, documents, slopes, 8 ** -0.5, flex=True)
+    kept = documents >= 0  # padded queries' outputs are never used
+    torch.testing.assert_close(flex.transpose(1, 2)[kept], dense.transpose(1, 2)[kept], rtol=1e-4, atol=1e-5)

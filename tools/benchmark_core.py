@@ -99,6 +99,8 @@ CONFIGS = {
     "b8-ckpt-liger": fast(8, gradient_checkpointing=True, liger_kernel="on"),
     "b16-ckpt": fast(16, gradient_checkpointing=True),
     "b32-ckpt": fast(32, gradient_checkpointing=True),
+    # bloom with lib/alibi.py's flex attention: packed rows, examples kept apart, no score matrices on CUDA
+    "default-flex": {"attention": "flex"},
     "micro1": {"batch_size": 4, "micro_batch_size": 1},  # DDP against FSDP at the same micro-batch
     "default": {},  # RunConfig's defaults: 16 sequences a step, the micro-batch chosen to fit the GPU
     # the defaults held to a memory budget: the micro-batch shrinks, accumulation makes up the step
