@@ -118,3 +118,31 @@ def test_task_speed_times_a_recipe_and_its_evaluation(tmp_path):
         assert row["eval_s_adapter"] > 0 and row["eval_s_base"] > 0 and row["train_tokens_per_s"] > 0
         assert row["settings"]["train_rows"] == 16 and set(row["scores"]) == {"exact_match", "executable",
                                                                              "execution_match"}
+
+
+def test_repeat_summary_gives_medians_and_both_ratios():
+    def row(config, repeat, speed, status="ok"):
+        return {"config": config, "repeat": repeat, "tokens_per_s": speed, "peak_mem_gib": 1.0 + repeat / 10,
+                "status": status}
+
+    rows = [row("seed", 1, 100.0), row("default", 1, 300.0), row("seed", 2, 50.0), row("default", 2, 400.0),
+            row("seed", 3, 80.0), row("default", 3, 160.0), row("flex", 1, None, "failed")]
+    table = benchmark.repeat_summary(rows, "seed").splitlines()
+    seed, default, flex = table[2:]
+    assert seed.startswith("| seed | 3 | 80 (50-100) | 1.30 | 1.00 | 1.00 (1.00-1.00) |")
+    # medians 300 / 80 = 3.75; per round 3.0, 8.0, 2.0: median 3.0
+    assert default == "| default | 3 | 300 (160-400) | 1.30 | 3.75 | 3.00 (2.00-8.00) |"
+    assert flex == "| flex | 0 (1 failed) | | | | |"
+
+
+def test_repeats_interleave_configurations_and_label_rows(tmp_path):
+    out = tmp_path / "rows.json"
+    command = [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--arch", "tiny-llama", "--configs",
+               "seed,default", "--repeats", "2", "--run", "T", "--steps", "1", "--warmup", "1", "--seq-len", "64",
+               "--model-dir", str(tmp_path / "model"), "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [(row["config"], row["repeat"], row["run"]) for row in rows] == [
+        ("seed", 1, "T"), ("default", 1, "T"), ("seed", 2, "T"), ("default", 2, "T")]
+    assert "| default | 2 |" in done.stdout and "x seed per round" in done.stdout

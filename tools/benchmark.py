@@ -11,6 +11,8 @@ own process (CPU or GPU, whichever this machine has):
     python tools/benchmark.py --memory-check '{}' --memory-check '{"batch_size": 4}' --out docs/memory_check.json
 Loss of the seed's settings against the defaults on the embedded model (CPU is fine), plotted:
     python tools/benchmark.py --loss-curves docs/loss_seed_vs_default.png
+Side by side with repeats (issue 18: every ratio the median of >= 3 rounds in one call, interleaved):
+    python tools/benchmark.py --arch bloom-1b1 --configs seed,default,default-flex --repeats 3 --run P --out rows.json
 CPU smoke run (what tests/test_benchmark.py does):
     python tools/benchmark.py --arch tiny-llama --configs default --steps 2 --warmup 1 --seq-len 64 --out /tmp/rows.json
 Data parallel, one process per GPU (accelerate_configs/multi_gpu.yaml rendered with num_processes=N):
@@ -67,6 +69,10 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--build", action="store_true", help=argparse.SUPPRESS)  # internal: build the model
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one configuration here
     parser.add_argument("--row-file", help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of all --configs, interleaved (seed, default, seed, default, ...); rows get "
+                             "`repeat`; a summary gives medians, min-max and ratios to the first configuration")
+    parser.add_argument("--run", help="a label written into every row's `run`")
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)  # internal: one memory check here
     return parser.parse_args(argv)
 
@@ -221,22 +227,28 @@ def main(argv: list[str] | None = None) -> int:
     if not ensure_model(args):
         return 1
     rows = []
-    for config in configs:
+    rounds = [(repeat, config) for repeat in range(1, args.repeats + 1) for config in configs]
+    for repeat, config in rounds:
         rows.append(run_config(args, config))
         row = rows[-1]
+        if args.repeats > 1:
+            row["repeat"] = repeat
+        if args.run:
+            row["run"] = args.run
         if rank() != 0:  # rank 0's row stands for the group; another rank only says when it failed
             if row["status"] != "ok":
                 print(f"rank {rank()} {args.arch} {config}: {row['status']}\n{row.get('log_tail', '')[-1500:]}",
                       flush=True)
             continue
-        print(f"{args.arch} {config}: {row['status']} {row.get('tokens_per_s')} tokens/s on {row.get('gpus')} "
+        label = f" round {repeat}" if args.repeats > 1 else ""
+        print(f"{args.arch} {config}{label}: {row['status']} {row.get('tokens_per_s')} tokens/s on {row.get('gpus')} "
               f"process(es), peak {row.get('peak_mem_gib')} GiB, mfu {row.get('mfu')}", flush=True)
         if row["status"] != "ok":
             print(row.get("log_tail", "")[-1500:], flush=True)
         if args.out:
             save_rows(args.out, [row])
     if rank() == 0:
-        print(benchmark.markdown_table(rows))
+        print(benchmark.markdown_table(rows) if args.repeats == 1 else benchmark.repeat_summary(rows, configs[0]))
     return 0 if all(row["status"] == "ok" for row in rows) else 1
 
 

@@ -442,6 +442,35 @@ def merge_rows(existing: list[dict], new: list[dict]) -> list[dict]:
     return [row for row in existing if key(row) not in replaced] + list(new)
 
 
+def repeat_summary(rows: list[dict], baseline: str) -> str:
+    """Rounds of interleaved configurations (rows with `repeat`) as a markdown table: per configuration the
+    median tokens/s with its min-max and highest peak, and its speed against `baseline` both as the ratio of
+    the medians and as the median (min-max) of the per-round ratios (the baseline's row of the same round)."""
+    import statistics
+
+    ok = [row for row in rows if row.get("status") == "ok"]
+    by_round = {(row["config"], row.get("repeat")): row["tokens_per_s"] for row in ok}
+    base = [row["tokens_per_s"] for row in ok if row["config"] == baseline]
+    lines = [f"| config | rounds | tokens/s median (min-max) | peak GiB | x {baseline} (medians) | "
+             f"x {baseline} per round, median (min-max) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for config in dict.fromkeys(row["config"] for row in rows):
+        speeds = [row["tokens_per_s"] for row in ok if row["config"] == config]
+        failed = sum(1 for row in rows if row["config"] == config and row.get("status") != "ok")
+        if not speeds:
+            lines.append(f"| {config} | 0 ({failed} failed) | | | | |")
+            continue
+        ratios = [by_round[config, repeat] / by_round[baseline, repeat] for (name, repeat) in by_round
+                  if name == config and (baseline, repeat) in by_round]
+        median = statistics.median(speeds)
+        of_medians = f"{median / statistics.median(base):.2f}" if base else ""
+        per_round = f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})" if ratios else ""
+        peak = max(row["peak_mem_gib"] for row in ok if row["config"] == config)
+        rounds = f"{len(speeds)}" + (f" ({failed} failed)" if failed else "")
+        lines.append(f"| {config} | {rounds} | {median:,.0f} ({min(speeds):,.0f}-{max(speeds):,.0f}) | {peak:.2f} | "
+                     f"{of_medians} | {per_round} |")
+    return "\n".join(lines)
+
+
 # ---- the report: a README-ready table and a chart ----------------------------------------------------------
 
 def markdown_table(rows: list[dict]) -> str:
