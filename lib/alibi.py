@@ -23,17 +23,26 @@ import warnings
 
 FLEX = "flex"
 
-_HOLDERS: dict[int, "_Packing"] = {}  # id(model config) -> the packing of the batch in flight
+_HOLDERS: dict[int, "_Packing"] = {}  # id(model config) -> its model's packing; dropped with the config
 
 
 class _Packing:
-    """What the patched attention layers of one model read: the example index of every token of the batch in
-    flight (batch, tokens), or None; ALiBi's slopes (one per head)."""
+    """What one model's patched attention layers read: the example index of every token of the batch the
+    flex attention serves (batch, tokens), else None; ALiBi's slopes (one per head); the batch's mask, made
+    once for all layers. `documents` stays set after the forward: gradient checkpointing recomputes the
+    layers during backward, with the same batch."""
 
     def __init__(self, slopes):
-        self.slopes = slopes
+        self.slopes = {slopes.device: slopes}
         self.documents = None
+        self.masks = {}
         self.outer_position_ids = None
+        self.in_forward = False  # the backbone's forward is running (its mask builder is being asked)
+
+    def slopes_on(self, device):
+        if device not in self.slopes:  # copied once, not in every layer (each copy would wait for the GPU)
+            self.slopes[device] = next(iter(self.slopes.values())).to(device)
+        return self.slopes[device]
 
 
 def suits(model) -> bool:
@@ -42,24 +51,29 @@ def suits(model) -> bool:
 
 
 def install(model) -> int:
-    """Patch a bloom model's attention layers; returns how many."""
+    """Patch a bloom model's attention layers; returns how many (0 when it already has them)."""
+    import weakref
+
     import torch
     from transformers.models.bloom import modeling_bloom
 
     if not suits(model):
         raise ValueError(f"the flex attention is for ALiBi models (bloom), not {model.config.model_type!r}")
+    backbone = getattr(model, "transformer", model)
+    if getattr(backbone, "_qlora_flex", False):
+        return 0
     _patch_mask_builder(modeling_bloom)
     slopes = modeling_bloom.build_alibi_tensor(torch.ones(1, 2), model.config.n_head, torch.float32)[:, 0, 1]
-    packing = _HOLDERS.setdefault(id(model.config), _Packing(slopes))
-    backbone = getattr(model, "transformer", model)
-    if not getattr(backbone, "_qlora_flex", False):
-        if backbone is not model:  # bloom's causal LM drops position_ids before calling its backbone: kept here
-            model.forward = functools.partial(_keeping_position_ids, model.forward, packing)
-        backbone.register_forward_pre_hook(functools.partial(_read_packing, packing), with_kwargs=True)
-        backbone._qlora_flex = True
+    packing = _HOLDERS[id(model.config)] = _Packing(slopes)
+    weakref.finalize(model.config, _HOLDERS.pop, id(model.config), None)
+    if backbone is not model:  # bloom's causal LM drops position_ids before calling its backbone: kept here
+        model.forward = functools.partial(_keeping_position_ids, model.forward, packing)
+    backbone.register_forward_pre_hook(functools.partial(_read_packing, packing), with_kwargs=True)
+    backbone.register_forward_hook(functools.partial(_forward_done, packing))
+    backbone._qlora_flex = True
     patched = 0
     for module in model.modules():
-        if isinstance(module, modeling_bloom.BloomAttention) and not hasattr(module, "_bloom_forward"):
+        if isinstance(module, modeling_bloom.BloomAttention):
             module._bloom_forward = module.forward
             module.forward = functools.partial(_flex_forward, module, packing)
             patched += 1
@@ -75,14 +89,30 @@ def _keeping_position_ids(forward, packing, *args, **kwargs):
 
 
 def _read_packing(packing, module, args, kwargs):
-    """The backbone's pre-hook: the example index of each token, from position_ids (its own or its causal LM's),
-    for training batches (no cache); None otherwise."""
+    """The backbone's pre-hook: decides, once for the whole forward, whether the flex attention serves it (a
+    training-style batch: position_ids, its own or its causal LM's; no cache; no attention weights asked
+    for; no attention dropout; bloom's exact tensor-parallel path off). Otherwise every layer runs bloom's
+    own attention with bloom's own mask."""
+    config = module.config
     position_ids = kwargs.get("position_ids")
     if position_ids is None:
         position_ids = packing.outer_position_ids
-    cached = kwargs.get("past_key_values") is not None or kwargs.get("use_cache")
-    packing.documents = None if position_ids is None or cached else documents(position_ids,
-                                                                              kwargs.get("attention_mask"))
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:  # bloom's own rule: the config's, off while checkpointing in training
+        use_cache = config.use_cache and not (getattr(module, "gradient_checkpointing", False) and module.training)
+    output_attentions = kwargs.get("output_attentions")
+    if output_attentions is None:
+        output_attentions = config.output_attentions
+    serves = (position_ids is not None and kwargs.get("past_key_values") is None and not use_cache
+              and not output_attentions and not (module.training and config.attention_dropout > 0)
+              and not (config.pretraining_tp > 1 and config.slow_but_exact))
+    packing.documents = documents(position_ids, kwargs.get("attention_mask")) if serves else None
+    packing.masks = {}
+    packing.in_forward = True
+
+
+def _forward_done(packing, module, args, output):
+    packing.in_forward = False
 
 
 def documents(position_ids, attention_mask=None):
@@ -107,7 +137,7 @@ def _patch_mask_builder(modeling_bloom) -> None:
     def create_causal_mask(*args, **kwargs):
         config = kwargs.get("config", args[0] if args else None)
         packing = _HOLDERS.get(id(config))
-        if packing is not None and packing.documents is not None:
+        if packing is not None and packing.in_forward and packing.documents is not None:
             return None
         return original(*args, **kwargs)
 
@@ -119,49 +149,59 @@ def _flex_forward(module, packing, hidden_states, residual, alibi, attention_mas
                   use_cache=False, output_attentions=False, **kwargs):
     from transformers.models.bloom.modeling_bloom import dropout_add
 
-    dropout = module.attention_dropout.p if module.training else 0.0
-    exact_tp = module.pretraining_tp > 1 and module.slow_but_exact
-    if packing.documents is None or layer_past is not None or output_attentions or dropout > 0 or exact_tp:
+    if packing.documents is None:  # decided for the whole forward by _read_packing
         return module._bloom_forward(hidden_states, residual, alibi, attention_mask, layer_past=layer_past,
                                      use_cache=use_cache, output_attentions=output_attentions, **kwargs)
     batch, tokens, _ = hidden_states.shape
     query, key, value = module._reshape(module.query_key_value(hidden_states))  # (batch, heads, tokens, head_dim)
-    context = attend(query, key, value, packing.documents.to(query.device), packing.slopes.to(query.device),
-                     module.inv_norm_factor)
+    flex = query.is_cuda
+    slopes = packing.slopes_on(query.device)
+    mask_key = (query.device, query.dtype, flex)
+    if mask_key not in packing.masks:  # one mask for every layer of the batch
+        packing.masks[mask_key] = example_mask(packing.documents.to(query.device), slopes, query.dtype, flex)
+    context = attend(query, key, value, packing.masks[mask_key], slopes, module.inv_norm_factor, flex)
     context = context.transpose(1, 2).reshape(batch, tokens, module.num_heads * module.head_dim)
     output = dropout_add(module.dense(context), residual, module.hidden_dropout, module.training)
     return output, None
 
 
-def attend(query, key, value, documents, slopes, scale: float, flex: bool | None = None):
-    """Causal attention within each example with ALiBi's bias; (batch, heads, tokens, head_dim) tensors,
-    `documents` (batch, tokens) example indices (-1: padding), `slopes` (heads,). flex (default: on CUDA):
-    flex_attention; else SDPA with the bias and the mask as one dense (tokens x tokens) matrix per head, as
-    bloom's own attention builds (flex_attention has no backward on a CPU)."""
+def example_mask(documents, slopes, dtype, flex: bool):
+    """What `attend` needs besides the tensors: for flex_attention a block mask (causal, same example;
+    padding, index -1, attends to nothing); for SDPA one dense (batch, heads, tokens, tokens) matrix holding
+    ALiBi's bias where attending is allowed and -inf elsewhere (padding attends to itself only)."""
     import torch
 
-    flex = query.is_cuda if flex is None else flex
-    batch, heads, tokens, _ = query.shape
-    if not flex:
-        position = torch.arange(tokens, device=query.device)
-        allowed = ((documents[:, :, None] == documents[:, None, :]) & (position[:, None] >= position[None, :])
-                   | torch.eye(tokens, dtype=torch.bool, device=query.device))  # padding attends to itself only
-        bias = slopes[:, None, None] * (position[None, :] - position[:, None])  # (heads, query, key)
-        mask = bias[None].to(query.dtype).masked_fill(~allowed[:, None], float("-inf"))
-        return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+    batch, tokens = documents.shape
+    if flex:
+        _, make_mask = _kernels(documents.is_cuda)
 
-    kernel, make_mask = _kernels(query.is_cuda)
+        def same_example_causal(b, h, q_idx, kv_idx):
+            return (documents[b, q_idx] == documents[b, kv_idx]) & (documents[b, q_idx] >= 0) & (q_idx >= kv_idx)
+
+        return make_mask(same_example_causal, batch, None, tokens, tokens, device=documents.device)
+    position = torch.arange(tokens, device=documents.device)
+    allowed = ((documents[:, :, None] == documents[:, None, :]) & (position[:, None] >= position[None, :])
+               | torch.eye(tokens, dtype=torch.bool, device=documents.device))
+    bias = slopes[:, None, None] * (position[None, :] - position[:, None])  # (heads, query, key)
+    return bias[None].to(dtype).masked_fill(~allowed[:, None], float("-inf"))
+
+
+def attend(query, key, value, mask, slopes, scale: float, flex: bool):
+    """Causal attention within each example with ALiBi's bias, for (batch, heads, tokens, head_dim) tensors
+    and `example_mask`'s mask: flex_attention (on CUDA), else SDPA with the dense bias (flex_attention has
+    no backward on a CPU)."""
+    import torch
+
+    if not flex:
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+    kernel, _ = _kernels(query.is_cuda)
 
     def alibi(score, b, h, q_idx, kv_idx):
         return score + slopes[h] * (kv_idx - q_idx).to(score.dtype)
 
-    def same_example_causal(b, h, q_idx, kv_idx):
-        return (documents[b, q_idx] == documents[b, kv_idx]) & (documents[b, q_idx] >= 0) & (q_idx >= kv_idx)
-
-    block_mask = make_mask(same_example_causal, batch, None, tokens, tokens, device=query.device)
     with torch.autocast(query.device.type, enabled=False), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile")  # CPU: known
-        return kernel(query, key, value, score_mod=alibi, block_mask=block_mask, scale=scale)
+        return kernel(query, key, value, score_mod=alibi, block_mask=mask, scale=scale)
 
 
 @functools.cache

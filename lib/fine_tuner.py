@@ -129,6 +129,7 @@ class FineTuner:
                               f"a value whose training fits this machine: {size} sequence(s) a pass are estimated at "
                               f"{estimate / 2**30:,.0f} GiB ({largest}: {parts[largest] / 2**30:,.0f} GiB), "
                               f"over {FAR_BEYOND_MACHINE}x its {machine / 2**30:,.0f} GiB")
+        memory.check_sharded_loading(shapes, config, plan)
         if plan.estimated_gib > plan.budget_gib:
             warnings.warn(f"a micro-batch of {size} sequence(s) is estimated to need {plan.estimated_gib:.1f} GiB, "
                           f"over the memory budget of {plan.budget_gib:.1f} GiB (memory_budget_gib="

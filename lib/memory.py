@@ -253,6 +253,30 @@ def host_processes() -> int:
     return 1
 
 
+def check_sharded_loading(shapes: ModelShapes, config, plan, available: float | None = None) -> float:
+    """Sharded 4-bit weights are loaded and quantized on the host by every process of it at once
+    (lib.models.load_base_model) before FSDP moves each process's shards to its GPU: refuse, naming the
+    setting, when those copies do not fit the host's available memory; the bytes they need (0 when the plan
+    loads onto the GPU)."""
+    import dataclasses
+
+    import psutil
+
+    from lib.config import ConfigError
+
+    if not (plan.sharded and plan.on_gpu and config.load_in_4bit):
+        return 0.0
+    whole = training_memory(shapes, config, dataclasses.replace(plan, sharded=False), 1)["base weights"]
+    needed = whole * host_processes()
+    available = psutil.virtual_memory().available if available is None else available
+    if needed > available:
+        raise ConfigError("distributed", config.distributed,
+                          f"ddp, or a host with more memory: each of the {host_processes()} process(es) on this "
+                          f"host loads and quantizes the whole model on the CPU before sharding it "
+                          f"({needed / 2**30:,.1f} GiB together), and {available / 2**30:,.1f} GiB are available")
+    return needed
+
+
 def resident_bytes() -> int:
     """This process's resident memory now (RSS): the part of a run's peak the estimate does not compute."""
     import psutil

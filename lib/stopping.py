@@ -73,6 +73,13 @@ class StopOnSignal(TrainerCallback):
             # every rank makes the group here, together; gloo's default group serves as it is
             self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
+    def on_train_end(self, args, state, control, **kwargs):
+        import torch.distributed as dist
+
+        if self._group is not None and dist.is_initialized():
+            dist.destroy_process_group(self._group)
+        self._group = None
+
     def on_step_end(self, args, state, control, **kwargs):
         if self._any_rank_asked(args):
             control.should_save = True

@@ -6,7 +6,9 @@ tokens seen, gathered). Each read makes the CPU wait until the GPU has finished 
 waits while the CPU launches the next kernels; with several processes each gather is also a meeting of all
 of them in the middle of a step, so every step waits for the slowest process more than once.
 `QLoRATrainer` keeps those numbers on the device and reads them once, when the trainer logs (every
-`logging_steps`): the logged values are the same, computed from the same per-pass sums.
+`logging_steps`): the logged values are the same, computed from the same per-pass sums (summed over all
+processes; on the last batch of an uneven epoch TRL leaves out the samples accelerate repeats to even the
+processes out, this counts them).
 
 Only the plain path is changed (training, negative log-likelihood loss, no custom loss function, label
 smoothing or auxiliary loss); every other case is TRL's own code.
@@ -23,6 +25,10 @@ class QLoRATrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         self._pending_sums: list = []      # per training pass: label tokens, entropy sum, top-1 hits, tokens
         self._pending_input_tokens = None  # tokens seen since the last read (a device tensor)
+
+    def train(self, *args, **kwargs):
+        self._pending_sums, self._pending_input_tokens = [], None  # nothing left from an earlier, failed call
+        return super().train(*args, **kwargs)
 
     def _plain_path(self, model, return_outputs: bool) -> bool:
         return (model.training and not return_outputs and self.compute_loss_func is None

@@ -303,6 +303,23 @@ def test_qlora_70b_fits_each_gpu_whole_so_auto_keeps_ddp_and_fsdp_halves_its_wei
     assert all(shard[part] == whole[part] / 2 for part in SHARDED_PARTS)
 
 
+def test_sharded_4bit_loading_must_fit_the_hosts_memory(llama_70b, outside_a_launch, monkeypatch):
+    """Each process on a host loads and quantizes the whole 4-bit model on the CPU before FSDP shards it:
+    refused, naming the setting, when those copies do not fit; unsharded plans load onto the GPU (nothing)."""
+    path, shapes = llama_70b
+    config = RunConfig(base_model=path, max_seq_length=1024, batch_size=8, memory_budget_gib=H200_BUDGET_GIB,
+                       distributed="fsdp")
+    plan = decide(config, shapes, on_gpu=True, processes=8)
+    whole = memory.training_memory(shapes, config, dataclasses.replace(plan, sharded=False), 1)["base weights"]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert memory.check_sharded_loading(shapes, config, plan, available=9 * whole) == 8 * whole
+    with pytest.raises(ConfigError, match="distributed") as error:
+        memory.check_sharded_loading(shapes, config, plan, available=7 * whole)
+    assert "8 process(es)" in str(error.value) and "GiB are available" in str(error.value)
+    ddp = decide(config.replace(distributed="ddp"), shapes, on_gpu=True, processes=8)
+    assert memory.check_sharded_loading(shapes, config, ddp, available=0) == 0
+
+
 def test_a_launched_process_follows_its_accelerate_config(llama_70b, monkeypatch):
     path, shapes = llama_70b
     config = RunConfig(base_model=path, memory_budget_gib=H200_BUDGET_GIB)

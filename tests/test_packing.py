@@ -168,7 +168,28 @@ def test_alibi_flex_kernel_matches_the_dense_reference():
     documents = alibi.documents(position_ids, padding)
     assert documents[0].tolist() == [0] * 10 + [1] * 14 and documents[1, -3:].tolist() == [-1] * 3
     slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
-    dense = alibi.attend(q, k, v, documents, slopes, 8 ** -0.5, flex=False)
-    flex = alibi.attend(q, k, v, documents, slopes, 8 ** -0.5, flex=True)
+    dense = alibi.attend(q, k, v, alibi.example_mask(documents, slopes, q.dtype, False), slopes, 8 ** -0.5, False)
+    flex = alibi.attend(q, k, v, alibi.example_mask(documents, slopes, q.dtype, True), slopes, 8 ** -0.5, True)
     kept = documents >= 0  # padded queries' outputs are never used
     torch.testing.assert_close(flex.transpose(1, 2)[kept], dense.transpose(1, 2)[kept], rtol=1e-4, atol=1e-5)
+
+
+def test_bloom_flex_leaves_other_forwards_to_bloom(tiny_bloom, examples):
+    """Forwards the flex attention does not serve (a cache, attention weights asked for) are bloom's own,
+    with bloom's own causal mask, even with position_ids given; installing twice patches nothing more."""
+    from transformers import AutoModelForCausalLM
+
+    from lib import alibi
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_bloom, dtype=torch.float32).eval()
+    flex = models.load_base_model(tiny_bloom, load_in_4bit=False, attention="flex", precision="fp32").eval()
+    assert alibi.install(flex) == 0
+    ids = torch.tensor([[token % 500 + 2 for token in examples[2]]])
+    positions = torch.arange(ids.shape[1])[None]
+    with torch.no_grad():
+        expected = plain(input_ids=ids).logits
+        for options in ({}, {"use_cache": True}, {"output_attentions": True}):  # bloom's config: use_cache on
+            got = flex(input_ids=ids, position_ids=positions, **options).logits
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        served = flex(input_ids=ids, position_ids=positions, use_cache=False).logits  # the flex path, one example
+    torch.testing.assert_close(served, expected, rtol=1e-4, atol=1e-4)

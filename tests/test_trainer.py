@@ -5,6 +5,7 @@ Run: python -m pytest tests/test_trainer.py   (about 1.5 minutes on 2 CPU cores;
 """
 
 import gc
+import json
 import os
 import sys
 
@@ -74,8 +75,8 @@ def reads_counted(monkeypatch):
 def test_same_logged_numbers_as_trl_without_per_pass_reads(tmp_path, monkeypatch, reads_counted, task, packing):
     history, (reads, inside), record = _run(tmp_path / "ours", task, packing, reads_counted)
     assert reads["count"] == 0, "QLoRATrainer read the device back inside a training pass"
-    assert record["train_tokens"] == history[-1]["num_input_tokens_seen"] > 0
-    assert len(history) == 3 and all(entry["entropy"] > 0 for entry in history)
+    assert record["train_tokens"] == history[-2]["num_input_tokens_seen"] == history[-1]["checkpoint tokens"] > 0
+    assert len(history) == 4 and all(entry["entropy"] > 0 for entry in history[:-1])  # logs at steps 1, 2, 3
 
     from trl import SFTTrainer
 
@@ -89,9 +90,10 @@ def test_same_logged_numbers_as_trl_without_per_pass_reads(tmp_path, monkeypatch
 
 
 def _run(tmp_path, task, packing, reads_counted):
-    config = RunConfig.for_task(task, "cpu", train_rows=24, eval_rows=1, max_steps=3, logging_steps=1,
-                                batch_size=2, max_seq_length=128, packing=packing, tracking="off",
-                                output_dir=str(tmp_path), run_name=task)
+    # two passes a step (accumulated), a log every 2 steps (and the first, and the last), a checkpoint at 3
+    config = RunConfig.for_task(task, "cpu", train_rows=24, eval_rows=1, max_steps=3, logging_steps=2,
+                                save_steps=3, batch_size=2, micro_batch_size=1, max_seq_length=128,
+                                packing=packing, tracking="off", output_dir=str(tmp_path), run_name=task)
     tuner = FineTuner(config).setup()
     counter = count_reads(tuner.trainer)
     reads_counted["counters"].append(counter)
@@ -101,6 +103,8 @@ def _run(tmp_path, task, packing, reads_counted):
     assert min(frozen.counts) > 0 and gc.get_freeze_count() == 0  # gc.freeze() while training, undone after
     history = [{key: entry[key] for key in LOGGED if key in entry}
                for entry in tuner.trainer.state.log_history if "loss" in entry]
+    checkpoint = json.loads((result.run_dir / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
+    history.append({"checkpoint tokens": checkpoint["num_input_tokens_seen"]})
     return history, counter, result.record
 
 
@@ -121,6 +125,8 @@ def _agree(rank: int, world: int, port: int, asked_rank: int, results) -> None:
         first = stop._any_rank_asked(SimpleNamespace())
         stop.signal_name = "SIGTERM" if rank == asked_rank else None
         second = stop._any_rank_asked(SimpleNamespace())
+        stop.on_train_end(None, None, None)  # the group is destroyed with training
+        assert stop._group is None
         results.put((rank, first, second))
     finally:
         dist.destroy_process_group()
@@ -143,3 +149,35 @@ def test_ranks_agree_on_a_stop_through_a_cpu_group():
         assert process.exitcode == 0
     got = sorted(results.get(timeout=5) for _ in processes)
     assert got == [(0, False, True), (1, False, True)]  # rank 1 got the signal; both stop
+
+
+def test_progress_lines_count_tokens_up_to_the_last_log(monkeypatch):
+    """lib.progress.ProgressLines: the trainer reads its token count at logs only, so tokens/s is measured up
+    to the last log; before the first log it says "-"; the last step's line comes after its log, once."""
+    import io
+    from types import SimpleNamespace
+
+    from lib import progress
+
+    clock = {"now": 100.0}
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock["now"])
+    stream = io.StringIO()
+    lines = progress.ProgressLines(interval=0, stream=stream)
+    state = SimpleNamespace(global_step=0, max_steps=3, num_input_tokens_seen=0, is_world_process_zero=True)
+    lines.on_train_begin(None, state, None)
+    clock["now"], state.global_step = 101.0, 1
+    lines.on_step_end(None, state, None)
+    state.num_input_tokens_seen = 500
+    lines.on_log(None, state, None, logs={"loss": 2.0})  # at 101 s: 500 tokens in 1 s
+    clock["now"], state.global_step, state.num_input_tokens_seen = 103.0, 2, 900  # not read back yet
+    lines.on_step_end(None, state, None)
+    clock["now"], state.global_step = 104.0, 3
+    lines.on_step_end(None, state, None)  # the last step: its line waits for its log
+    state.num_input_tokens_seen = 2000
+    lines.on_log(None, state, None, logs={"loss": 1.5})
+    lines.on_log(None, state, None, logs={"train_runtime": 4.0})  # the trainer's closing log: no second line
+    printed = stream.getvalue().splitlines()
+    assert len(printed) == 3
+    assert printed[0].startswith("step 1/3 (33%) · loss - · - tokens/s")
+    assert printed[1].startswith("step 2/3 (67%) · loss 2.0000 · 500 tokens/s")
+    assert printed[2].startswith("step 3/3 (100%) · loss 1.5000 · 500 tokens/s")  # 2000 tokens in 4 s
