@@ -363,7 +363,9 @@ def test_whole_cpu_runs_recorded_in_the_docs_are_within_the_band():
     two-process launch, estimate against the run record's measured peak (issue 15: 0.8-1.25)."""
     rows = json.loads((ROOT / "docs" / "memory_runs_cpu.json").read_text())
     assert {row["run"] for row in rows} >= {"instruction", "sql", "detox", "two-processes"}
-    assert sorted(row["rank"] for row in rows if row["run"] == "two-processes") == [0, 1]
+    for repeat in {row.get("repeat") for row in rows}:  # each repeat: both processes of the launch
+        assert sorted(row["rank"] for row in rows if row["run"] == "two-processes" and row.get("repeat") == repeat) \
+            == [0, 1]
     for row in rows:
         assert row["ratio"] == pytest.approx(row["estimated_peak_gib"] / row["measured_peak_gib"], abs=1e-3)
         assert 0.8 <= row["ratio"] <= 1.25, row
