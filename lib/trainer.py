@@ -46,7 +46,7 @@ class QLoRATrainer(SFTTrainer):
         if "attention_mask" in inputs:
             tokens = inputs["attention_mask"].sum()
         else:  # padding-free: one row, every position a token
-            tokens = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+            tokens = inputs["position_ids"].new_full((), inputs["position_ids"].size(1))  # a fill, not a copy
         device = outputs.log_probs.device  # the batch may sit elsewhere (e.g. FSDP with the weights offloaded)
         self._pending_sums.append(torch.stack([
             value.double().to(device) for value in (outputs.label_mask.sum(), outputs.entropy.detach().sum(),
@@ -63,7 +63,7 @@ class QLoRATrainer(SFTTrainer):
                 and getattr(self.processing_class, "pad_token_id", None) is not None:
             count = (ids != self.processing_class.pad_token_id).sum()
         else:
-            count = torch.tensor(ids.numel(), device=ids.device)
+            count = ids.new_full((), ids.numel())
         count = count.to(self.args.device, torch.int64)
         self._pending_input_tokens = count if self._pending_input_tokens is None else self._pending_input_tokens + count
 
