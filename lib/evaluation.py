@@ -6,7 +6,10 @@
 
 The base model is loaded once; adapters are attached to it by name and
 switched with PEFT, and the base answers come from the same weights with every
-adapter disabled. Decoding is greedy and stops at the end-of-text token (and,
+adapter disabled. On a GPU with room for it, the 4-bit base is dequantized once
+to 16 bits (the same NF4 values the 4-bit layers compute with): each generated
+token then skips the bitsandbytes call of every layer, which costs the host far
+more than the GPU's work on a small model (see `dequantize_for_generation`). Decoding is greedy and stops at the end-of-text token (and,
 in the tags format, at the next tag); base and adapter answers are cleaned the
 same way before scoring. Every report also scores the task's trivial baselines
 (detox: the input copied unchanged), which a useful adapter must beat.
@@ -27,10 +30,15 @@ BASE = "base"
 
 
 class Evaluator:
-    def __init__(self, model_path: str, load_in_4bit: bool = True, batch_size: int | None = None):
+    def __init__(self, model_path: str, load_in_4bit: bool = True, batch_size: int | None = None,
+                 dequantize: bool | None = None):
         self.tokenizer = load_tokenizer(model_path)
         self.tokenizer.padding_side = "left"  # generated tokens must follow the prompt directly
         self.model = load_base_model(model_path, load_in_4bit)
+        self.dequantized = load_in_4bit and (dequantize_for_generation(self.model) if dequantize is None
+                                             else dequantize)
+        if self.dequantized:
+            self.model = self.model.dequantize()
         self.model.eval()
         self.batch_size = batch_size or generation_batch_size(self.model)
         self.adapters: dict[str, str] = {}
@@ -140,6 +148,26 @@ CPU_GENERATION_BATCH = 16
 GPU_GENERATION_BATCH = (16, 256)   # rows a batch on a GPU: at least, at most
 KV_CACHE_SHARE = 0.2               # of the GPU's free memory, for the batch's key/value cache
 ROW_TOKENS = 1024                  # prompt and answer tokens a row is planned for
+
+
+DEQUANTIZE_SHARE = 0.25            # of the GPU's free memory, at most, for the base's 16-bit weights
+
+
+def dequantize_for_generation(model) -> bool:
+    """Whether to answer with the 4-bit base dequantized to its compute dtype: on a GPU, when those weights
+    take at most DEQUANTIZE_SHARE of its free memory. Batched generation with bitsandbytes dequantizes every
+    layer's NF4 weights to the compute dtype and multiplies, so the answers are the same, minus one
+    bitsandbytes call per layer and token (the embedded model on an H200: 200 rows took 8-10 s with them,
+    docs/task_speed_gpu.json). On a CPU bitsandbytes computes otherwise (answers differ a little) and the
+    time is the same: kept 4-bit."""
+    import torch
+
+    if model.device.type != "cuda":
+        return False
+    weights = sum(module.in_features * module.out_features for module in model.modules()
+                  if type(module).__name__ == "Linear4bit")
+    free, _ = torch.cuda.mem_get_info(model.device)
+    return weights * model.dtype.itemsize <= DEQUANTIZE_SHARE * free
 
 
 def generation_batch_size(model) -> int:

@@ -12,7 +12,7 @@ the memory estimate (lib.memory) reads it too. Nothing else decides an "auto".
 | precision                  | bf16 where the hardware computes it natively; fp16 on older GPUs; else fp32   |
 | attention                  | varlen flash attention on CUDA where the model's attention allows it; SDPA;   |
 |                            | eager for models without transformers' attention functions (bloom; "flex" is  |
-|                            | its packed path, chosen explicitly until measured on a GPU)                   |
+|                            | its packed path, chosen explicitly: 8.7 s a step on an H200, BENCHMARKS run P)|
 | optimizer                  | fused AdamW on a GPU, plain AdamW on a CPU                                    |
 | gradient_checkpointing     | on a GPU (trades ~30% speed for activations), off on a CPU                    |
 | liger_kernel               | on where its Triton kernels run (CUDA, liger-kernel installed)               |
@@ -231,14 +231,15 @@ def _cpu_has_bf16() -> bool:
 def decide_attention(requested: str, shapes, on_gpu: bool) -> str:
     """The attention implementation: `requested`, or for "auto" varlen on CUDA where the model allows it
     (packed batches then cost only their examples' lengths), else SDPA, or eager for models whose attention
-    is their own (bloom's ALiBi), which transformers' attention functions cannot replace."""
+    is their own (bloom's ALiBi), which transformers' attention functions cannot replace. lib/alibi.py's
+    "flex" packs bloom when asked for; it is not "auto" until it is fast on a GPU (docs/BENCHMARKS.md run P)."""
     if requested == VARLEN and not shapes.varlen_capable:
         raise ConfigError("attention", requested, "auto, sdpa or eager: this model's attention cannot use varlen")
     if requested == FLEX and not shapes.alibi_capable:
         raise ConfigError("attention", requested, "auto, varlen, sdpa or eager: flex is for ALiBi models (bloom)")
     if requested != "auto":
         return requested
-    if not shapes.flash_capable:
+    if not shapes.flash_capable:  # bloom's ALiBi ("flex" packs it, chosen explicitly: slow on an H200 so far)
         return "eager"
     if shapes.varlen_capable and on_gpu and flash_varlen_available():
         return VARLEN

@@ -43,6 +43,21 @@ def test_trained_row_has_numbers(rows):
     assert trained["steps_measured"] == 2 and trained["tokens_per_step"] == 64 * trained["batch_size"]
     assert trained["mfu"] is None  # no GPU peak to divide by on CPU
     assert trained["lora_weights"] > 0 and trained["matmul_weights"] > trained["lora_weights"]
+    check = trained["packing_check"]  # packed rows: the trained model's packed losses checked against one by one
+    assert check["ok"] and check["loss_max_diff"] < 1e-3 and check["crossed_logits_max_diff"] > 0
+
+
+def test_packing_check_tells_kept_apart_from_attending_across(tmp_path):
+    """benchmark_core.packing_check passes bloom with lib/alibi.py's flex attention and fails bloom's own
+    attention, which attends across the packed examples."""
+    from lib import models
+
+    model_dir = benchmark.build_random_model("tiny-bloom", tmp_path / "bloom")
+    flex = models.load_base_model(str(model_dir), load_in_4bit=False, attention="flex", precision="fp32")
+    check = benchmark.packing_check(flex, benchmark.vocab_size(model_dir))
+    assert check["ok"] and check["logits_max_diff"] < 1e-4 and check["lengths"] == [211, 64, 389]
+    own = models.load_base_model(str(model_dir), load_in_4bit=False, attention="eager", precision="fp32")
+    assert benchmark.packing_check(own, benchmark.vocab_size(model_dir))["ok"] is False
 
 
 def test_skipped_configuration_says_why(rows):
@@ -109,7 +124,7 @@ def test_task_speed_times_a_recipe_and_its_evaluation(tmp_path):
 
     out = tmp_path / "speed.json"
     args = ["--task", "sql", "--max-steps", "2", "--eval-rows", "3", "--repeats", "2", "--set", "train_rows=16",
-            "--set", "max_seq_length=128", "--output-dir", str(tmp_path / "runs"), "--out", str(out)]
+            "--set", "max_seq_length=128", "--output-dir", str(tmp_path / "runs"), "--out", str(out), "--compare-4bit"]
     assert task_speed.main(args) == 0
     rows = json.loads(out.read_text())
     assert [row["repeat"] for row in rows] == [0, 1]
@@ -118,6 +133,8 @@ def test_task_speed_times_a_recipe_and_its_evaluation(tmp_path):
         assert row["eval_s_adapter"] > 0 and row["eval_s_base"] > 0 and row["train_tokens_per_s"] > 0
         assert row["settings"]["train_rows"] == 16 and set(row["scores"]) == {"exact_match", "executable",
                                                                              "execution_match"}
+        assert row["eval_dequantized"] is False  # a CPU keeps the base 4-bit
+    assert rows[-1]["four_bit"]["same_answers"] == 1.0 and rows[-1]["four_bit"]["eval_s_adapter"] > 0
 
 
 def test_repeat_summary_gives_medians_and_both_ratios():

@@ -149,3 +149,30 @@ def test_generation_batch_follows_the_key_value_cache_on_a_gpu(monkeypatch):
     assert llama_8b == int(0.2 * 100 * 2**30 // (2 * 32 * 8 * 128 * 2 * 1024)) == 160
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**30, 140 * 2**30))
     assert evaluation.generation_batch_size(model_of("cuda", 32, 8, 128)) == 16  # never below 16
+
+
+def test_generation_dequantizes_the_4bit_base_where_a_gpu_has_room(monkeypatch, embedded_dir):
+    """lib.evaluation: on a GPU the 4-bit base is dequantized for answering when its 16-bit weights take at most a
+    quarter of the free memory; never on a CPU. An Evaluator told to dequantize answers with plain Linear layers."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from lib import evaluation
+    from lib.tasks import get_task
+
+    model = models.load_base_model(embedded_dir, load_in_4bit=True)
+    quantized = sum(type(module).__name__ == "Linear4bit" for module in model.modules())
+    assert quantized > 0 and evaluation.dequantize_for_generation(model) is False  # a CPU
+    weights = sum(m.in_features * m.out_features for m in model.modules() if type(m).__name__ == "Linear4bit")
+    on_gpu = SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, modules=model.modules)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * 2 * weights, 140 * 2**30))
+    assert evaluation.dequantize_for_generation(on_gpu) is True
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * 2 * weights - 1, 140 * 2**30))
+    assert evaluation.dequantize_for_generation(on_gpu) is False
+
+    evaluator = evaluation.Evaluator(embedded_dir, load_in_4bit=True, dequantize=True)
+    assert evaluator.dequantized and not any(type(m).__name__ == "Linear4bit" for m in evaluator.model.modules())
+    task = get_task("sql")
+    answers = evaluator.answers(evaluator.prompt_format(task), task.generate(2, seed=3), progress=False)
+    assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)

@@ -193,3 +193,39 @@ def test_bloom_flex_leaves_other_forwards_to_bloom(tiny_bloom, examples):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         served = flex(input_ids=ids, position_ids=positions, use_cache=False).logits  # the flex path, one example
     torch.testing.assert_close(served, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_document_block_mask_matches_torchs_create_block_mask():
+    """lib.alibi.document_block_mask (built from per-block example ranges) visits the same blocks as torch's
+    create_block_mask evaluating the token-level rule, with the same blocks visited whole; rows of many
+    examples across block borders, a length that is not a multiple of the block, a padded tail; and flex
+    attention with it equals the dense reference."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from lib import alibi
+
+    generator = torch.Generator().manual_seed(3)
+    rows = []
+    for _ in range(2):
+        lengths = torch.randint(1, 300, (12,), generator=generator).tolist()
+        rows.append([i for length in lengths for i in range(length)][:700])
+    position_ids = torch.tensor(rows)
+    padding = torch.ones(2, 700, dtype=torch.long)
+    padding[1, -90:] = 0
+    documents = alibi.documents(position_ids, padding)
+    ours = alibi.document_block_mask(documents)
+
+    def rule(b, h, q_idx, kv_idx):
+        return (documents[b, q_idx] == documents[b, kv_idx]) & (documents[b, q_idx] >= 0) & (q_idx >= kv_idx)
+
+    reference = create_block_mask(rule, 2, None, 700, 700, device="cpu")
+    assert torch.equal(ours.to_dense(), reference.to_dense())
+    assert torch.equal(ours.full_kv_num_blocks, reference.full_kv_num_blocks) and ours.full_kv_num_blocks.sum() > 0
+    assert ours.to_dense().sum() < ours.to_dense().numel() / 2  # blocks are skipped, not all visited
+
+    q, k, v = (torch.randn(2, 2, 700, 8, generator=generator) for _ in range(3))
+    slopes = torch.tensor([0.5, 0.125])
+    dense = alibi.attend(q, k, v, alibi.example_mask(documents, slopes, q.dtype, False), slopes, 8 ** -0.5, False)
+    flex = alibi.attend(q, k, v, ours, slopes, 8 ** -0.5, True)
+    kept = documents >= 0
+    torch.testing.assert_close(flex.transpose(1, 2)[kept], dense.transpose(1, 2)[kept], rtol=1e-4, atol=1e-5)

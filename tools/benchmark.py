@@ -243,6 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         label = f" round {repeat}" if args.repeats > 1 else ""
         print(f"{args.arch} {config}{label}: {row['status']} {row.get('tokens_per_s')} tokens/s on {row.get('gpus')} "
               f"process(es), peak {row.get('peak_mem_gib')} GiB, mfu {row.get('mfu')}", flush=True)
+        if row.get("packing_check"):
+            check = row["packing_check"]
+            print(f"  packing check ({'ok' if check['ok'] else 'FAILED'}): examples of {check['lengths']} tokens "
+                  f"packed vs alone, loss max |diff| {check['loss_max_diff']}, logits max |diff| "
+                  f"{check['logits_max_diff']} (attending across examples: {check['crossed_logits_max_diff']})",
+                  flush=True)
         if row["status"] != "ok":
             print(row.get("log_tail", "")[-1500:], flush=True)
         if args.out:

@@ -101,6 +101,7 @@ CONFIGS = {
     "b32-ckpt": fast(32, gradient_checkpointing=True),
     # bloom with lib/alibi.py's flex attention: packed rows, examples kept apart, no score matrices on CUDA
     "default-flex": {"attention": "flex"},
+    "default-flex-budget-4.8gib": {"attention": "flex", "memory_budget_gib": 4.8},
     "micro1": {"batch_size": 4, "micro_batch_size": 1},  # DDP against FSDP at the same micro-batch
     "default": {},  # RunConfig's defaults: 16 sequences a step, the micro-batch chosen to fit the GPU
     # the defaults held to a memory budget: the micro-batch shrinks, accumulation makes up the step
@@ -243,6 +244,52 @@ def measure(arch: str, config: str, engine: str, timer, warmup: int, tokens_per_
     }
 
 
+PACKING_CHECK_LENGTHS = (211, 64, 389)  # tokens of the examples packed into one row by packing_check
+
+
+def packing_check(model, vocab: int) -> dict:
+    """Packing on this device, after training: random examples packed into one row by TRL's padding-free
+    collator (as in training) against each example alone, through the trained model. Reports the largest
+    difference of the examples' mean next-token losses and of their logits, and the control: the same row
+    as one example (positions not restarted), where attending across examples moves the later examples'
+    logits. `ok`: packed differs from alone by under a tenth of what attending across examples does."""
+    import torch
+    import torch.nn.functional as F
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    generator = torch.Generator().manual_seed(1)
+    examples = [torch.randint(2, vocab, (length,), generator=generator).tolist() for length in PACKING_CHECK_LENGTHS]
+    collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+    device = next(p for p in model.parameters() if p.device.type != "meta").device
+
+    def logits_of(rows: list[list[int]]):
+        """The logits of `rows` packed into one row, split back into the examples' pieces."""
+        batch = {key: value.to(device) if torch.is_tensor(value) else value
+                 for key, value in collate([{"input_ids": ids} for ids in rows]).items() if key != "labels"}
+        logits = model(**batch, use_cache=False).logits[0].float()
+        return logits.split([len(ids) for ids in examples]) if logits.shape[0] > len(rows[0]) else [logits]
+
+    def loss(logits, ids) -> float:
+        return F.cross_entropy(logits[:-1], torch.tensor(ids[1:], device=logits.device)).item()
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed = logits_of(examples)
+            alone = [logits_of([ids])[0] for ids in examples]
+            crossed = logits_of([[token for ids in examples for token in ids]])[0].split(
+                [len(ids) for ids in examples])
+    finally:
+        model.train(was_training)
+    loss_diff = max(abs(loss(p, ids) - loss(a, ids)) for p, a, ids in zip(packed, alone, examples))
+    logits_diff = max((p - a).abs().max().item() for p, a in zip(packed, alone))
+    crossed_diff = max((c - a).abs().max().item() for c, a in zip(crossed[1:], alone[1:]))
+    return {"lengths": list(PACKING_CHECK_LENGTHS), "loss_max_diff": round(loss_diff, 5),
+            "logits_max_diff": round(logits_diff, 4), "crossed_logits_max_diff": round(crossed_diff, 4),
+            "ok": logits_diff < crossed_diff / 10}
+
+
 def run_project(arch: str, config: str, model_dir: str, seq_len: int, steps: int, warmup: int,
                 output_dir: str, logging_steps: int = 1, timing: str = "step") -> dict:
     """Train one configuration through the FineTuner and measure it."""
@@ -260,16 +307,17 @@ def run_project(arch: str, config: str, model_dir: str, seq_len: int, steps: int
     tuner.trainer.add_callback(timer)
     result = tuner.train()
     args, model = tuner.trainer.args, tuner.trainer.model
+    checked = {"packing_check": packing_check(model, vocab_size(model_dir))} if tuner.plan.packed else {}
     details = {"batch_size": args.per_device_train_batch_size, "grad_accum": args.gradient_accumulation_steps,
                "gradient_checkpointing": args.gradient_checkpointing, "precision": run_config.precision,
                "resolved_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
-               "attention": model.config._attn_implementation, "packing": args.packing,
+               "attention": tuner.plan.attention, "packing": args.packing,
                "liger": args.use_liger_kernel, "optimizer": getattr(args.optim, "value", args.optim),
                "lora_dropout": run_config.lora_dropout, "logging_steps": logging_steps, "loss_last": result.record["loss_history"][-1]["loss"],
                "estimated_gib": tuner.plan.estimated_gib, "sharded": tuner.plan.sharded,
                "setup_peak_gib_per_rank": per_rank(setup_peak), "train_peak_gib_per_rank": per_rank(peak_memory_gib()),
                "own_setup_peak_gib": setup_peak,
-               "overrides": CONFIGS[config]}
+               "overrides": CONFIGS[config], **checked}
     tokens_per_step = seq_len * args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size()
     return measure(arch, config, "project", timer, warmup, tokens_per_step, seq_len, model_dir,
                    result.record["trainable_parameters"], world_size(), details)
@@ -379,7 +427,8 @@ def memory_check(overrides: dict, output_dir: str, steps: int = 3) -> dict:
 
 def estimate_gib(row: dict, shapes_dir: str) -> float | None:
     """The memory estimate (lib/memory.py) for a result row of the project's path, from the model's shapes
-    (`shapes_dir` holds its config.json) and what the row ran: its micro-batch and whether Liger was on."""
+    (`shapes_dir` holds its config.json) and what the row ran: its attention, micro-batch and whether Liger
+    was on."""
     import dataclasses
 
     from lib import memory
@@ -388,6 +437,8 @@ def estimate_gib(row: dict, shapes_dir: str) -> float | None:
     if row.get("engine") != "project" or row.get("config") not in CONFIGS or not row.get("batch_size"):
         return None
     run_config = settings(row["arch"], row["config"], shapes_dir, row["seq_len"], 1, "/tmp")
+    if row.get("attention"):  # what it ran (a row from before bloom's auto became flex ran eager)
+        run_config = run_config.replace(attention=row["attention"])
     shapes = memory.read_shapes(shapes_dir)
     plan = dataclasses.replace(decide(run_config, shapes, on_gpu=True), liger=bool(row["liger"]))
     return round(sum(memory.training_memory(shapes, run_config, plan, row["batch_size"]).values()) / 2**30, 3)

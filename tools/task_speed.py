@@ -31,6 +31,9 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a recipe setting")
     parser.add_argument("--output-dir", default="runs/task-speed")
     parser.add_argument("--out", help="JSON file the rows are appended to")
+    parser.add_argument("--compare-4bit", action="store_true",
+                        help="also answer once with the base kept 4-bit (where evaluation dequantizes it): "
+                             "time, scores and the share of answers that agree, in the last row")
     args = parser.parse_args(argv)
 
     from lib.config import RunConfig, parse_overrides
@@ -64,10 +67,21 @@ def main(argv=None) -> int:
                "plan": {k: record["plan"][k] for k in ("micro_batch_size", "grad_accum", "packed", "attention")},
                "train_tokens_per_s": record["tokens_per_s"], "train_tokens": record["train_tokens"],
                "train_s": record["train_metrics"].get("train_runtime"), "peak_memory_gib": record["peak_memory_gib"],
-               "eval_rows": len(rows), "eval_batch": evaluator.batch_size, "eval_s_adapter": timings[config.task],
+               "eval_rows": len(rows), "eval_batch": evaluator.batch_size, "eval_dequantized": evaluator.dequantized,
+               "eval_s_adapter": timings[config.task],
                "eval_s_base": timings[BASE], "scores": scores}
         print(json.dumps(row), flush=True)
         out.append(row)
+    if args.compare_4bit:
+        del evaluator
+        kept = Evaluator(tuner.model_path, config.load_in_4bit, dequantize=False)
+        kept.attach(config.task, result.adapter_dir)
+        started = time.perf_counter()
+        four_bit = kept.answers(fmt, rows, adapter=config.task, progress=False)
+        out[-1]["four_bit"] = {"eval_s_adapter": round(time.perf_counter() - started, 2),
+                               "scores": task.compute_metrics(four_bit, rows),
+                               "same_answers": sum(a == b for a, b in zip(four_bit, answers[config.task])) / len(rows)}
+        print(json.dumps(out[-1]["four_bit"]), flush=True)
     if args.out:
         path = Path(args.out)
         rows_before = json.loads(path.read_text()) if path.is_file() else []
