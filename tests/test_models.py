@@ -151,7 +151,7 @@ def test_generation_batch_follows_the_key_value_cache_on_a_gpu(monkeypatch):
     assert evaluation.generation_batch_size(model_of("cuda", 32, 8, 128)) == 16  # never below 16
 
 
-def test_generation_dequantizes_the_4bit_base_where_a_gpu_has_room(monkeypatch, embedded_dir):
+def test_generation_dequantizes_the_4bit_base_where_a_gpu_has_room(monkeypatch, embedded_dir, tmp_path):
     """lib.evaluation: on a GPU the 4-bit base is dequantized for answering when its 16-bit weights take at most a
     quarter of the free memory; never on a CPU. An Evaluator told to dequantize answers with plain Linear layers."""
     from types import SimpleNamespace
@@ -171,8 +171,20 @@ def test_generation_dequantizes_the_4bit_base_where_a_gpu_has_room(monkeypatch, 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * 2 * weights - 1, 140 * 2**30))
     assert evaluation.dequantize_for_generation(on_gpu) is False
 
+    import bitsandbytes
+    from peft import LoraConfig, get_peft_model
+
+    layer = model.model.layers[0].self_attn.q_proj
+    nf4_values = bitsandbytes.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    adapter_dir = tmp_path / "adapter"
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(str(adapter_dir))
+
     evaluator = evaluation.Evaluator(embedded_dir, load_in_4bit=True, dequantize=True)
     assert evaluator.dequantized and not any(type(m).__name__ == "Linear4bit" for m in evaluator.model.modules())
+    assert torch.equal(evaluator.model.model.layers[0].self_attn.q_proj.weight, nf4_values.to(evaluator.model.dtype))
+    evaluator.attach("sql", adapter_dir)  # an adapter on the dequantized base: PEFT wraps the plain layers
     task = get_task("sql")
-    answers = evaluator.answers(evaluator.prompt_format(task), task.generate(2, seed=3), progress=False)
+    rows = task.generate(2, seed=3)
+    answers = evaluator.answers(evaluator.prompt_format(task), rows, adapter="sql", progress=False)
     assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)
+    assert evaluator.compare(task, rows, adapter="sql")["base_dequantized"] is True

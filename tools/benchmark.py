@@ -83,7 +83,7 @@ def run_worker(args) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-run-") as output_dir:
         if run is benchmark.run_project:
             row = run(args.arch, args.worker, args.model_dir, args.seq_len, args.steps, args.warmup, output_dir,
-                      logging_steps=args.logging_steps, timing=args.timing)
+                      logging_steps=args.logging_steps, timeout_row_file=args.row_file, timing=args.timing)
         else:
             row = run(args.arch, args.worker, args.model_dir, args.seq_len, args.steps, args.warmup, output_dir)
     Path(args.row_file).write_text(json.dumps(row), encoding="utf-8")
@@ -108,6 +108,9 @@ def run_config(args, config: str) -> dict:
         try:
             done = child(args, ["--worker", config, "--row-file", row_file.name], env, args.timeout)
         except subprocess.TimeoutExpired as error:
+            measured = Path(row_file.name).read_text(encoding="utf-8")
+            if measured:  # trained and measured; the packing check after it ran out of time
+                return json.loads(measured)
             tail = (error.stdout or b"")[-1000:] + (error.stderr or b"")[-2000:]
             return benchmark.failed_row(args.arch, config, args.seq_len, "timeout",
                                         tail.decode(errors="replace") if isinstance(tail, bytes) else tail)
@@ -243,8 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         label = f" round {repeat}" if args.repeats > 1 else ""
         print(f"{args.arch} {config}{label}: {row['status']} {row.get('tokens_per_s')} tokens/s on {row.get('gpus')} "
               f"process(es), peak {row.get('peak_mem_gib')} GiB, mfu {row.get('mfu')}", flush=True)
-        if row.get("packing_check"):
-            check = row["packing_check"]
+        check = row.get("packing_check")
+        if check and check.get("status") == "timeout":
+            print("  packing check: ran out of time after the measurement", flush=True)
+        elif check:
             print(f"  packing check ({'ok' if check['ok'] else 'FAILED'}): examples of {check['lengths']} tokens "
                   f"packed vs alone, loss max |diff| {check['loss_max_diff']}, logits max |diff| "
                   f"{check['logits_max_diff']} (attending across examples: {check['crossed_logits_max_diff']})",

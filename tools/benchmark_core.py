@@ -101,7 +101,6 @@ CONFIGS = {
     "b32-ckpt": fast(32, gradient_checkpointing=True),
     # bloom with lib/alibi.py's flex attention: packed rows, examples kept apart, no score matrices on CUDA
     "default-flex": {"attention": "flex"},
-    "default-flex-budget-4.8gib": {"attention": "flex", "memory_budget_gib": 4.8},
     "micro1": {"batch_size": 4, "micro_batch_size": 1},  # DDP against FSDP at the same micro-batch
     "default": {},  # RunConfig's defaults: 16 sequences a step, the micro-batch chosen to fit the GPU
     # the defaults held to a memory budget: the micro-batch shrinks, accumulation makes up the step
@@ -291,8 +290,11 @@ def packing_check(model, vocab: int) -> dict:
 
 
 def run_project(arch: str, config: str, model_dir: str, seq_len: int, steps: int, warmup: int,
-                output_dir: str, logging_steps: int = 1, timing: str = "step") -> dict:
-    """Train one configuration through the FineTuner and measure it."""
+                output_dir: str, logging_steps: int = 1, timeout_row_file: str | None = None,
+                timing: str = "step") -> dict:
+    """Train one configuration through the FineTuner and measure it; with packed rows, then check packing on
+    this device (packing_check; the row is measured first, so the check moves neither its time nor its peak,
+    and is written to `timeout_row_file` first, so a check that runs out of time loses only itself)."""
     import torch
 
     from lib.fine_tuner import FineTuner, peak_memory_gib
@@ -307,7 +309,6 @@ def run_project(arch: str, config: str, model_dir: str, seq_len: int, steps: int
     tuner.trainer.add_callback(timer)
     result = tuner.train()
     args, model = tuner.trainer.args, tuner.trainer.model
-    checked = {"packing_check": packing_check(model, vocab_size(model_dir))} if tuner.plan.packed else {}
     details = {"batch_size": args.per_device_train_batch_size, "grad_accum": args.gradient_accumulation_steps,
                "gradient_checkpointing": args.gradient_checkpointing, "precision": run_config.precision,
                "resolved_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
@@ -317,10 +318,15 @@ def run_project(arch: str, config: str, model_dir: str, seq_len: int, steps: int
                "estimated_gib": tuner.plan.estimated_gib, "sharded": tuner.plan.sharded,
                "setup_peak_gib_per_rank": per_rank(setup_peak), "train_peak_gib_per_rank": per_rank(peak_memory_gib()),
                "own_setup_peak_gib": setup_peak,
-               "overrides": CONFIGS[config], **checked}
+               "overrides": CONFIGS[config]}
     tokens_per_step = seq_len * args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size()
-    return measure(arch, config, "project", timer, warmup, tokens_per_step, seq_len, model_dir,
-                   result.record["trainable_parameters"], world_size(), details)
+    row = measure(arch, config, "project", timer, warmup, tokens_per_step, seq_len, model_dir,
+                  result.record["trainable_parameters"], world_size(), details)
+    if tuner.plan.packed:
+        if timeout_row_file:
+            Path(timeout_row_file).write_text(json.dumps({**row, "packing_check": {"status": "timeout"}}))
+        row["packing_check"] = packing_check(model, vocab_size(model_dir))
+    return row
 
 
 def run_unsloth(arch: str, config: str, model_dir: str, seq_len: int, steps: int, warmup: int,
@@ -437,7 +443,7 @@ def estimate_gib(row: dict, shapes_dir: str) -> float | None:
     if row.get("engine") != "project" or row.get("config") not in CONFIGS or not row.get("batch_size"):
         return None
     run_config = settings(row["arch"], row["config"], shapes_dir, row["seq_len"], 1, "/tmp")
-    if row.get("attention"):  # what it ran (a row from before bloom's auto became flex ran eager)
+    if row.get("attention"):  # what it ran (rows before 2026-11-30 evening: the model config's name for it)
         run_config = run_config.replace(attention=row["attention"])
     shapes = memory.read_shapes(shapes_dir)
     plan = dataclasses.replace(decide(run_config, shapes, on_gpu=True), liger=bool(row["liger"]))

@@ -32,8 +32,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output-dir", default="runs/task-speed")
     parser.add_argument("--out", help="JSON file the rows are appended to")
     parser.add_argument("--compare-4bit", action="store_true",
-                        help="also answer once with the base kept 4-bit (where evaluation dequantizes it): "
-                             "time, scores and the share of answers that agree, in the last row")
+                        help="also answer --repeats times with the base kept 4-bit (where evaluation dequantizes "
+                             "it), same rows a batch: times, scores and the share of answers that agree, in the last row")
     args = parser.parse_args(argv)
 
     from lib.config import RunConfig, parse_overrides
@@ -72,13 +72,24 @@ def main(argv=None) -> int:
                "eval_s_base": timings[BASE], "scores": scores}
         print(json.dumps(row), flush=True)
         out.append(row)
-    if args.compare_4bit:
+    if args.compare_4bit:  # the same rows a batch, the same repeats (the first includes the warm-up)
+        import gc
+
+        import torch
+
+        batch_size = evaluator.batch_size
         del evaluator
-        kept = Evaluator(tuner.model_path, config.load_in_4bit, dequantize=False)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        kept = Evaluator(tuner.model_path, config.load_in_4bit, batch_size=batch_size, dequantize=False)
         kept.attach(config.task, result.adapter_dir)
-        started = time.perf_counter()
-        four_bit = kept.answers(fmt, rows, adapter=config.task, progress=False)
-        out[-1]["four_bit"] = {"eval_s_adapter": round(time.perf_counter() - started, 2),
+        seconds = []
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            four_bit = kept.answers(fmt, rows, adapter=config.task, progress=False)
+            seconds.append(round(time.perf_counter() - started, 2))
+        out[-1]["four_bit"] = {"eval_s_adapter": seconds, "eval_batch": batch_size,
                                "scores": task.compute_metrics(four_bit, rows),
                                "same_answers": sum(a == b for a, b in zip(four_bit, answers[config.task])) / len(rows)}
         print(json.dumps(out[-1]["four_bit"]), flush=True)
