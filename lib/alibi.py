@@ -171,9 +171,9 @@ def example_mask(documents, slopes, dtype, flex: bool):
     ALiBi's bias where attending is allowed and -inf elsewhere (padding attends to itself only)."""
     import torch
 
-    batch, tokens = documents.shape
     if flex:
         return document_block_mask(documents)
+    tokens = documents.shape[1]
     position = torch.arange(tokens, device=documents.device)
     allowed = ((documents[:, :, None] == documents[:, None, :]) & (position[:, None] >= position[None, :])
                | torch.eye(tokens, dtype=torch.bool, device=documents.device))

@@ -10,9 +10,9 @@ adapter disabled. On a GPU with room for it, the 4-bit base is dequantized once
 to 16 bits (the same NF4 values the 4-bit layers compute with): each generated
 token then skips the bitsandbytes call of every layer, which costs the host far
 more than the GPU's work on a small model (see `dequantize_for_generation`;
-reports say which path answered: `base_dequantized`). Decoding is greedy and stops at the end-of-text token (and,
-in the tags format, at the next tag); base and adapter answers are cleaned the
-same way before scoring. Every report also scores the task's trivial baselines
+reports say which path answered: `base_dequantized`). Decoding is greedy and
+stops at the end-of-text token (and, in the tags format, at the next tag); base
+and adapter answers are cleaned the same way before scoring. Every report also scores the task's trivial baselines
 (detox: the input copied unchanged), which a useful adapter must beat.
 
 To score saved adapters on a file without training, see lib/evaluate.py.

@@ -12,7 +12,7 @@ the memory estimate (lib.memory) reads it too. Nothing else decides an "auto".
 | precision                  | bf16 where the hardware computes it natively; fp16 on older GPUs; else fp32   |
 | attention                  | varlen flash attention on CUDA where the model's attention allows it; SDPA;   |
 |                            | eager for models without transformers' attention functions (bloom; "flex" is  |
-|                            | its packed path, chosen explicitly: 4x slower than the seed on an H200, run P)|
+|                            | its packed path, chosen explicitly: 4x slower than the seed on an H200, run P |
 | optimizer                  | fused AdamW on a GPU, plain AdamW on a CPU                                    |
 | gradient_checkpointing     | on a GPU (trades ~30% speed for activations), off on a CPU                    |
 | liger_kernel               | on where its Triton kernels run (CUDA, liger-kernel installed)               |

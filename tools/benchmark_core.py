@@ -262,11 +262,10 @@ def packing_check(model, vocab: int) -> dict:
     device = next(p for p in model.parameters() if p.device.type != "meta").device
 
     def logits_of(rows: list[list[int]]):
-        """The logits of `rows` packed into one row, split back into the examples' pieces."""
+        """The logits of `rows` packed into one row."""
         batch = {key: value.to(device) if torch.is_tensor(value) else value
                  for key, value in collate([{"input_ids": ids} for ids in rows]).items() if key != "labels"}
-        logits = model(**batch, use_cache=False).logits[0].float()
-        return logits.split([len(ids) for ids in examples]) if logits.shape[0] > len(rows[0]) else [logits]
+        return model(**batch, use_cache=False).logits[0].float()
 
     def loss(logits, ids) -> float:
         return F.cross_entropy(logits[:-1], torch.tensor(ids[1:], device=logits.device)).item()
@@ -275,10 +274,9 @@ def packing_check(model, vocab: int) -> dict:
     model.eval()
     try:
         with torch.no_grad():
-            packed = logits_of(examples)
-            alone = [logits_of([ids])[0] for ids in examples]
-            crossed = logits_of([[token for ids in examples for token in ids]])[0].split(
-                [len(ids) for ids in examples])
+            packed = logits_of(examples).split(PACKING_CHECK_LENGTHS)
+            alone = [logits_of([ids]) for ids in examples]
+            crossed = logits_of([[token for ids in examples for token in ids]]).split(PACKING_CHECK_LENGTHS)
     finally:
         model.train(was_training)
     loss_diff = max(abs(loss(p, ids) - loss(a, ids)) for p, a, ids in zip(packed, alone, examples))
