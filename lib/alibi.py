@@ -191,7 +191,7 @@ def document_block_mask(documents):
     when both blocks hold one and the same example and the key block comes earlier, else visited with the
     token-level rule. torch's create_block_mask evaluates that rule for every (query, key) pair instead: with
     it (compiled), bloom-1b1 training on 16,384-token rows was still building the first mask after 220 s on an
-    H200 (2026-11-30); with this one the first step took 35 s (compiling), the next ones 8.7 s each."""
+    H200 (2026-11-30); with this one the first step took 35 s (compiling), then 29,182 tokens/s in bf16 (run U)."""
     import torch
     import torch.nn.functional as F
     from torch.nn.attention.flex_attention import BlockMask
@@ -239,9 +239,15 @@ def attend(query, key, value, mask, slopes, scale: float, flex: bool):
     def alibi(score, b, h, q_idx, kv_idx):
         return score + slopes[h] * (kv_idx - q_idx).to(score.dtype)
 
-    with torch.autocast(query.device.type, enabled=False), warnings.catch_warnings():
+    # bloom's projections come out in fp32 (its hidden states are fp32 with 4-bit weights); under autocast its
+    # own attention multiplies in bf16, and so does this. flex_attention in fp32 took 154 ms a call against
+    # 3.1 ms in bf16 for 16,384 tokens (H200, 2026-11-30; docs/BENCHMARKS.md, run U)
+    device = query.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+    with torch.autocast(device, enabled=False), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile")  # CPU: known
-        return kernel(query, key, value, score_mod=alibi, block_mask=mask, scale=scale)
+        out = kernel(query.to(dtype), key.to(dtype), value.to(dtype), score_mod=alibi, block_mask=mask, scale=scale)
+    return out.to(query.dtype)
 
 
 @functools.cache

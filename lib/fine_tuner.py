@@ -175,6 +175,10 @@ class FineTuner:
         use_one_gpu(args)
         trainer = QLoRATrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=self.tokenizer, peft_config=self.lora_config)
+        if self.plan.fused_lora:
+            from lib import fused_lora
+
+            fused_lora.install(trainer.model)
         if trainer.args.fp16:  # fp16 loss scaling unscales fp32 gradients only; TRL casts 4-bit adapters to bf16
             for parameter in trainer.model.parameters():
                 if parameter.requires_grad:

@@ -12,10 +12,13 @@ the memory estimate (lib.memory) reads it too. Nothing else decides an "auto".
 | precision                  | bf16 where the hardware computes it natively; fp16 on older GPUs; else fp32   |
 | attention                  | varlen flash attention on CUDA where the model's attention allows it; SDPA;   |
 |                            | eager for models without transformers' attention functions (bloom; "flex" is  |
-|                            | its packed path, chosen explicitly: 4x slower than the seed on an H200, run P |
+|                            | its packed path, chosen explicitly: 2.8x the seed on an H200 but at 6.7 GiB   |
+|                            | against the seed's 4.8 (run U)                                                |
 | optimizer                  | fused AdamW on a GPU, plain AdamW on a CPU                                    |
 | gradient_checkpointing     | on a GPU (trades ~30% speed for activations), off on a CPU                    |
 | liger_kernel               | on where its Triton kernels run (CUDA, liger-kernel installed)               |
+| fused_lora                 | on a GPU for 4-bit weights that are not sharded (lib/fused_lora.py); off on a |
+|                            | CPU, where it measured 3% slower (embedded model, SQL recipe, 2 cores)        |
 | packing (asked)            | kept only for models that read position_ids (packed examples stay apart), and |
 |                            | for bloom with attention="flex" (lib/alibi.py keeps them apart)               |
 | micro_batch_size           | the largest divisor of batch_size whose estimate fits memory_budget_gib       |
@@ -59,6 +62,7 @@ class Plan:
     estimated_gib: float | None = None   # the memory estimate of one micro-batch, and the budget it had to fit
     budget_gib: float | None = None
     threads: int | None = None           # CPU threads of a CPU training process (with_threads); None on a GPU
+    fused_lora: bool = False             # LoRA on 4-bit layers as one autograd step (lib/fused_lora.py)
 
     @property
     def compute_bytes(self) -> int:
@@ -108,7 +112,10 @@ def decide(config, shapes, on_gpu: bool | None = None, longest_example: int | No
         processes=processes or max(int(os.environ.get("WORLD_SIZE", 1)), 1),
         longest_example=longest_example or None,
     )
-    plan = dataclasses.replace(plan, sharded=decide_sharding(plan, config, shapes))
+    sharded = decide_sharding(plan, config, shapes)
+    fused = config.fused_lora == "on" or (config.fused_lora == "auto" and on_gpu and config.load_in_4bit
+                                           and not sharded)
+    plan = dataclasses.replace(plan, sharded=sharded, fused_lora=fused)
     return fit_micro_batch(plan, config, shapes)
 
 

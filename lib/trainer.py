@@ -10,6 +10,10 @@ of them in the middle of a step, so every step waits for the slowest process mor
 processes; on the last batch of an uneven epoch TRL leaves out the samples accelerate repeats to even the
 processes out, this counts them).
 
+Two per-step walks over every module of the model are cut as well: the FLOPs count reads the model's
+parameter count once (Trainer counts them at every pass), and gradient clipping is given the trainable
+parameters (the adapter's) rather than every parameter of the model, outside FSDP, whose clipping needs them all.
+
 Only the plain path is changed (training, negative log-likelihood loss, no custom loss function, label
 smoothing or auxiliary loss); every other case is TRL's own code.
 """
@@ -25,6 +29,8 @@ class QLoRATrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         self._pending_sums: list = []      # per training pass: label tokens, entropy sum, top-1 hits, tokens
         self._pending_input_tokens = None  # tokens seen since the last read (a device tensor)
+        self._flop_parameters = None       # the model's parameter count without embeddings, counted once
+        self._trainable = None             # (model, its parameters that train), listed once
 
     def train(self, *args, **kwargs):
         self._pending_sums, self._pending_input_tokens = [], None  # nothing left from an earlier, failed call
@@ -52,6 +58,24 @@ class QLoRATrainer(SFTTrainer):
             value.double().to(device) for value in (outputs.label_mask.sum(), outputs.entropy.detach().sum(),
                                                      outputs.is_top1.sum(), tokens)]))
         return loss
+
+    def floating_point_ops(self, inputs):
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        if main_input not in inputs or not hasattr(self.model, "num_parameters"):
+            return super().floating_point_ops(inputs)
+        if self._flop_parameters is None:
+            self._flop_parameters = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main_input].numel() * self._flop_parameters  # Trainer's formula
+
+    def _clip_grad_norm(self, model):
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU) \
+                or self._has_mixed_mesh_grads(model):
+            return super()._clip_grad_norm(model)
+        if self._trainable is None or self._trainable[0] is not model:
+            self._trainable = (model, [p for p in model.parameters() if p.requires_grad])
+        return self.accelerator.clip_grad_norm_(self._trainable[1], self.args.max_grad_norm)
 
     def _track_num_input_tokens(self, inputs):
         if self.args.include_num_input_tokens_seen == "no" or "input_ids" not in inputs:

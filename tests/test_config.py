@@ -17,7 +17,7 @@ BAD_VALUES = [
     ("lr_scheduler", "cyclic"), ("warmup_ratio", 0.9), ("num_epochs", 0), ("max_steps", 0), ("max_steps", -2),
     ("batch_size", 0), ("micro_batch_size", 0), ("micro_batch_size", 3), ("memory_budget_gib", 0), ("memory_budget_gib", "lots"), ("max_seq_length", 8), ("packing", "yes"), ("load_in_4bit", 1),
     ("max_grad_norm", -1), ("logging_steps", 0), ("save_steps", 0), ("output_dir", ""),
-    ("run_name", "../escape"), ("run_name", "a/b"), ("run_name", ".."), ("overwrite", "false"),
+    ("run_name", "../escape"), ("run_name", "a/b"), ("run_name", ".."), ("overwrite", "false"), ("fused_lora", "yes"),
 ]
 
 

@@ -191,6 +191,11 @@ def test_the_plan_decides_every_auto_from_config_shapes_and_device(llama, shapes
         "paged_adamw_8bit", False, "fp32", "eager")
     with pytest.raises(ConfigError, match="attention"):
         decide(config.replace(base_model=shapes_dirs["bloom-1b1"], attention="varlen"), bloom, on_gpu=True)
+    # the fused LoRA step: on a GPU with 4-bit weights; off on a CPU, for 16-bit weights, or when asked
+    assert gpu.fused_lora and not cpu.fused_lora
+    assert not decide(config.replace(load_in_4bit=False), llama, on_gpu=True).fused_lora
+    assert not decide(config.replace(fused_lora="off"), llama, on_gpu=True).fused_lora
+    assert decide(config.replace(fused_lora="on"), llama, on_gpu=False).fused_lora
 
 
 # ---- CPU threads ----------------------------------------------------------------------------------
@@ -297,6 +302,7 @@ def test_qlora_70b_fits_each_gpu_whole_so_auto_keeps_ddp_and_fsdp_halves_its_wei
     assert not decide(config, shapes, on_gpu=True, processes=2).sharded  # 4-bit: ~36 GiB of weights fit a GPU
     assert not decide(config, shapes, on_gpu=False, processes=2).sharded  # auto never shards on CPUs
     plan = decide(config.replace(distributed="fsdp"), shapes, on_gpu=True, processes=2)
+    assert plan.sharded and not plan.fused_lora  # FSDP's shards go to PEFT's own forward
     whole = memory.training_memory(shapes, config, dataclasses.replace(plan, sharded=False), 1)
     shard = memory.training_memory(shapes, config, plan, 1)
     assert plan.sharded and 0.5 < shard["base weights"] / whole["base weights"] < 0.6  # half + gathered parts

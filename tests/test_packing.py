@@ -174,6 +174,27 @@ def test_alibi_flex_kernel_matches_the_dense_reference():
     torch.testing.assert_close(flex.transpose(1, 2)[kept], dense.transpose(1, 2)[kept], rtol=1e-4, atol=1e-5)
 
 
+def test_alibi_flex_runs_in_the_autocast_dtype(monkeypatch):
+    """bloom's projections come out in fp32: under autocast the flex kernel is given q/k/v in the autocast
+    dtype (fp32 flex took 154 ms a call on an H200 against 3.1 ms in bf16) and its output comes back in the
+    query's dtype; without autocast the inputs' own dtype."""
+    from lib import alibi
+
+    seen = []
+
+    def kernel(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return q.clone()
+
+    monkeypatch.setattr(alibi, "_kernel", lambda cuda: kernel)
+    q, k, v = (torch.randn(1, 2, 8, 4) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = alibi.attend(q, k, v, None, torch.ones(2), 0.5, True)
+    assert seen == [(torch.bfloat16,) * 3] and out.dtype == torch.float32
+    alibi.attend(q, k, v, None, torch.ones(2), 0.5, True)
+    assert seen[-1] == (torch.float32,) * 3
+
+
 def test_bloom_flex_leaves_other_forwards_to_bloom(tiny_bloom, examples):
     """Forwards the flex attention does not serve (a cache, attention weights asked for) are bloom's own,
     with bloom's own causal mask, even with position_ids given; installing twice patches nothing more."""

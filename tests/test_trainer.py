@@ -73,16 +73,19 @@ def reads_counted(monkeypatch):
 
 @pytest.mark.parametrize("task,packing", [("sql", False), ("detox", True)])
 def test_same_logged_numbers_as_trl_without_per_pass_reads(tmp_path, monkeypatch, reads_counted, task, packing):
-    history, (reads, inside), record = _run(tmp_path / "ours", task, packing, reads_counted)
+    history, (reads, inside), record, walks = _run(tmp_path / "ours", task, packing, reads_counted)
     assert reads["count"] == 0, "QLoRATrainer read the device back inside a training pass"
+    # the per-step walks over the whole model: its parameter count read once; clipping given the adapter's only
+    assert walks["num_parameters"] == 1 and set(walks["clipped"]) == {walks["trainable"]}
     assert record["train_tokens"] == history[-2]["num_input_tokens_seen"] == history[-1]["checkpoint tokens"] > 0
     assert len(history) == 4 and all(entry["entropy"] > 0 for entry in history[:-1])  # logs at steps 1, 2, 3
 
     from trl import SFTTrainer
 
     monkeypatch.setattr(trainer_module, "QLoRATrainer", SFTTrainer)  # TRL's own, for the reference
-    reference, (reference_reads, _), _ = _run(tmp_path / "trl", task, packing, reads_counted)
+    reference, (reference_reads, _), _, reference_walks = _run(tmp_path / "trl", task, packing, reads_counted)
     assert reference_reads["count"] > 0  # the check can see reads: TRL's compute_loss makes them
+    assert reference_walks["num_parameters"] == 6 and set(reference_walks["clipped"]) == {reference_walks["all"]}
     assert [entry.keys() for entry in history] == [entry.keys() for entry in reference]
     for got, expected in zip(history, reference):
         for key, value in expected.items():
@@ -95,6 +98,24 @@ def _run(tmp_path, task, packing, reads_counted):
                                 save_steps=3, batch_size=2, micro_batch_size=1, max_seq_length=128,
                                 packing=packing, tracking="off", output_dir=str(tmp_path), run_name=task)
     tuner = FineTuner(config).setup()
+    model = tuner.trainer.model
+    walks = {"num_parameters": 0, "clipped": [], "all": len(list(model.parameters())),
+             "trainable": sum(1 for p in model.parameters() if p.requires_grad)}
+    count_parameters = model.num_parameters
+
+    def num_parameters(*args, **kwargs):
+        walks["num_parameters"] += 1
+        return count_parameters(*args, **kwargs)
+
+    model.num_parameters = num_parameters
+    clip = tuner.trainer.accelerator.clip_grad_norm_
+
+    def clip_grad_norm_(parameters, *args, **kwargs):
+        parameters = list(parameters)
+        walks["clipped"].append(len(parameters))
+        return clip(parameters, *args, **kwargs)
+
+    tuner.trainer.accelerator.clip_grad_norm_ = clip_grad_norm_
     counter = count_reads(tuner.trainer)
     reads_counted["counters"].append(counter)
     frozen = FrozenObjects()
@@ -104,8 +125,9 @@ def _run(tmp_path, task, packing, reads_counted):
     history = [{key: entry[key] for key in LOGGED if key in entry}
                for entry in tuner.trainer.state.log_history if "loss" in entry]
     checkpoint = json.loads((result.run_dir / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
-    history.append({"checkpoint tokens": checkpoint["num_input_tokens_seen"]})
-    return history, counter, result.record
+    history.append({"checkpoint tokens": checkpoint["num_input_tokens_seen"],
+                    "total_flos": tuner.trainer.state.total_flos})  # the FLOPs count, same formula
+    return history, counter, result.record, walks
 
 
 def _agree(rank: int, world: int, port: int, asked_rank: int, results) -> None:

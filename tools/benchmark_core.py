@@ -68,7 +68,7 @@ PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 
 # The seed AMP's training settings, written as project settings.
 SEED = dict(precision="fp16", attention="eager", optimizer="paged_adamw_32bit", liger_kernel="off",
-            batch_size=4, micro_batch_size=1, gradient_checkpointing=False)
+            batch_size=4, micro_batch_size=1, gradient_checkpointing=False, fused_lora="off")
 
 
 def fast(batch: int, **changes) -> dict:
@@ -102,6 +102,7 @@ CONFIGS = {
     # bloom with lib/alibi.py's flex attention: packed rows, examples kept apart, no score matrices on CUDA
     "default-flex": {"attention": "flex"},
     "micro1": {"batch_size": 4, "micro_batch_size": 1},  # DDP against FSDP at the same micro-batch
+    "default-nofused": {"fused_lora": "off"},  # the defaults with PEFT's own LoRA forward (lib/fused_lora.py off)
     "default": {},  # RunConfig's defaults: 16 sequences a step, the micro-batch chosen to fit the GPU
     # the defaults held to a memory budget: the micro-batch shrinks, accumulation makes up the step
     "default-budget-3gib": {"memory_budget_gib": 3.0},
@@ -314,6 +315,7 @@ def run_project(arch: str, config: str, model_dir: str, seq_len: int, steps: int
                "liger": args.use_liger_kernel, "optimizer": getattr(args.optim, "value", args.optim),
                "lora_dropout": run_config.lora_dropout, "logging_steps": logging_steps, "loss_last": result.record["loss_history"][-1]["loss"],
                "estimated_gib": tuner.plan.estimated_gib, "sharded": tuner.plan.sharded,
+               "fused_lora": tuner.plan.fused_lora,
                "setup_peak_gib_per_rank": per_rank(setup_peak), "train_peak_gib_per_rank": per_rank(peak_memory_gib()),
                "own_setup_peak_gib": setup_peak,
                "overrides": CONFIGS[config]}

@@ -1,0 +1,126 @@
+"""The fused LoRA step on 4-bit layers (lib/fused_lora.py) gives PEFT's outputs and gradients, on the real
+embedded model with bitsandbytes' NF4 weights, and leaves PEFT's path to everything it does not serve."""
+
+import pytest
+
+from lib import fused_lora, models
+
+
+@pytest.fixture(scope="module")
+def peft_model():
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = models.load_base_model(models.resolve_base_model("embedded"), load_in_4bit=True, precision="fp32")
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
+    torch.manual_seed(0)
+    for name, parameter in peft_model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give it values, or its products would be trivially equal
+            torch.nn.init.normal_(parameter, std=0.02)
+    return peft_model
+
+
+def loss_and_grads(model, ids, labels):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_the_whole_model_gives_peft_loss_and_gradients(peft_model):
+    import torch
+
+    ids = torch.randint(2, 4000, (2, 24), generator=torch.Generator().manual_seed(1))
+    peft_model.train()
+    reference_loss, reference = loss_and_grads(peft_model, ids, ids)
+    patched = fused_lora.install(peft_model)
+    try:
+        assert patched == 30 * 7  # every linear layer of the 30 decoder layers
+        assert fused_lora.install(peft_model) == 0  # again: nothing more
+        loss, grads = loss_and_grads(peft_model, ids, ids)
+    finally:
+        assert fused_lora.uninstall(peft_model) == patched
+    assert reference_loss.item() == pytest.approx(loss.item(), rel=1e-5)
+    assert reference.keys() == grads.keys() and len(grads) == 2 * 210
+    for name, expected in reference.items():
+        assert torch.allclose(grads[name], expected, rtol=1e-3, atol=1e-6), name
+    # a control: a wrong scaling would be caught
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    layer.scaling["default"] *= 2
+    try:
+        fused_lora.install(peft_model)
+        _, wrong = loss_and_grads(peft_model, ids, ids)
+    finally:
+        fused_lora.uninstall(peft_model)
+        layer.scaling["default"] /= 2
+    name = next(n for n in reference if "layers.0.self_attn.q_proj.lora_A" in n)
+    assert not torch.allclose(wrong[name], reference[name], rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_one_layer_with_dropout_and_bf16(peft_model, dtype, monkeypatch):
+    """Dropout on the adapter's input (same random mask both ways), and a bf16 compute dtype under autocast
+    as on a GPU: the fused step's output and gradients against PEFT's."""
+    import torch
+
+    layer = peft_model.base_model.model.model.layers[3].mlp.down_proj
+    dropout = layer.lora_dropout["default"]
+    layer.lora_dropout["default"] = torch.nn.Dropout(0.3)
+    layer.train()
+    monkeypatch.setattr(layer.get_base_layer(), "compute_dtype", getattr(torch, dtype))
+    fused_calls = []
+    apply = fused_lora._LoRA4bit.apply
+    monkeypatch.setattr(fused_lora._LoRA4bit, "apply", lambda *args: fused_calls.append(1) or apply(*args))
+    try:
+        x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(2)).to(getattr(torch, dtype))
+        runs = []
+        for fused in (False, True):
+            if fused:
+                fused_lora.install(layer)
+            inputs = x.clone().requires_grad_(True)
+            torch.manual_seed(7)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+                out = layer(inputs)
+            out.float().square().sum().backward()
+            runs.append((out.detach().float(), inputs.grad.float(), layer.lora_A["default"].weight.grad.clone(),
+                         layer.lora_B["default"].weight.grad.clone()))
+            layer.zero_grad(set_to_none=True)
+            fused_lora.uninstall(layer)
+    finally:
+        layer.lora_dropout["default"] = dropout
+    assert fused_calls == [1]
+    tolerance = 1e-4 if dtype == "float32" else 1e-2  # relative to the tensor's size: summation order differs
+    for expected, got in zip(runs[0], runs[1]):
+        assert got.dtype == expected.dtype
+        assert ((got - expected).norm() / expected.norm()).item() < tolerance, [((g - e).norm() / e.norm()).item() for e, g in zip(runs[0], runs[1])]
+
+
+def test_peft_path_kept_where_the_fused_step_does_not_serve(peft_model, monkeypatch):
+    import torch
+
+    layer = peft_model.base_model.model.model.layers[0].self_attn.k_proj
+    calls = []
+    fused_lora.install(layer)
+    peft_forward = layer._peft_forward
+    monkeypatch.setattr(layer, "_peft_forward", lambda *a, **k: calls.append(1) or peft_forward(*a, **k))
+    monkeypatch.setattr(fused_lora._LoRA4bit, "apply",
+                        lambda *args: calls.append("fused") or torch.zeros(3, layer.out_features))
+    x = torch.randn(1, 3, layer.in_features)
+    try:
+        with torch.no_grad():  # generation and evaluation
+            layer(x)
+        assert calls == [1]
+        with peft_model.disable_adapter():
+            layer(x)
+        assert calls == [1, 1]
+        layer.merged_adapters.append("default")  # merged weights
+        try:
+            layer(x)
+        finally:
+            layer.merged_adapters.remove("default")
+        assert calls == [1, 1, 1]
+        layer(x)  # a training pass: the fused step
+        assert calls[-1] == "fused"
+    finally:
+        monkeypatch.undo()
+        fused_lora.uninstall(layer)
