@@ -327,11 +327,20 @@ class FineTuner:
             "peak_memory_gib": peak_memory_gib(),
             "estimated_peak_gib": self._estimated_peak_gib(),  # what peak_memory_gib was expected to read
             "plan": self.plan.to_dict(),  # every "auto" as decided (lib.plan), with the micro-batch
+            "fused_lora_layers": self._fused_lora_layers(),
             "world_size": self.trainer.accelerator.num_processes,
             "rank_shares": self._rank_shares(),
             "device": device_name(),
             "versions": library_versions(),
         }
+
+    def _fused_lora_layers(self) -> int:
+        """LoRA layers that trained with the fused step (lib.fused_lora): 0 where the plan left it off."""
+        if not self.plan.fused_lora:
+            return 0
+        from lib import fused_lora
+
+        return fused_lora.served(self.trainer.model)
 
     def _estimated_peak_gib(self) -> float | None:
         """The estimate of this process's peak_memory_gib: on a GPU the training estimate (allocated tensors);

@@ -36,9 +36,9 @@ weights (embeddings, norms); P_l the LoRA weights:
                             * d
                             + (d + 1) * in_features of every targeted layer   (LoRA dropout's output and mask)
                       without gradient checkpointing: T * L * a
-                      with it: T * (L * H * d        the layers' inputs, kept (4 bytes, not d, for models with
-                                                     torch LayerNorms, bloom: autocast runs them in fp32 and
-                                                     the residual stream they feed stays fp32)
+                      with it: T * (L * H * d        the layers' inputs, kept (4 bytes, not d, where a LayerNorm
+                                                     on the embeddings, bloom's, makes the residual stream
+                                                     fp32: autocast runs LayerNorm in fp32)
                                     + a              one layer recomputed during backward
                                     + (I + 2H) * d)  that layer's gradients in flight
     attention scores  eager attention keeps each head's softmax in fp32 and in d bytes: one layer's worth is
@@ -100,8 +100,8 @@ class ModelShapes:
     varlen_capable: bool = True               # ... and has no sliding window: can run lib.attention's varlen
     alibi_capable: bool = False               # ALiBi attention lib.alibi can replace (bloom): the "flex" attention
     layer_class: str = ""                     # the decoder layer's class (LlamaDecoderLayer): FSDP wraps each one
-    layer_norm: bool = False                  # torch LayerNorms (bloom): autocast runs them in fp32, so the
-                                              # hidden states they feed stay fp32 under bf16/fp16 training
+    fp32_stream: bool = False                 # a LayerNorm on the embeddings (bloom): autocast runs it in fp32,
+                                              # so the residual stream starts, and stays, fp32 in bf16/fp16 training
 
     @property
     def linear_paths(self) -> list[str]:
@@ -153,7 +153,8 @@ def read_shapes(model_path: str) -> ModelShapes:
         varlen_capable=suits(model),
         alibi_capable=alibi.suits(model),
         layer_class=",".join(getattr(model, "_no_split_modules", None) or []),
-        layer_norm=any(isinstance(module, torch.nn.LayerNorm) for module in model.modules()),
+        fp32_stream=any(isinstance(module, torch.nn.LayerNorm) and "embed" in name.lower()
+                        for name, module in model.named_modules()),
     )
 
 
@@ -208,7 +209,7 @@ def training_memory(shapes: ModelShapes, config, plan, micro_batch: int | None =
     if config.lora_dropout > 0:
         per_layer += (d + 1) * sum(inp for _, _, inp in targeted) / L
     if plan.checkpointing:
-        stream = 4 if shapes.layer_norm else d  # the layer inputs kept: fp32 after autocast's LayerNorms
+        stream = 4 if shapes.fp32_stream else d  # the layer inputs kept: fp32 after an fp32 embedding norm
         activations = tokens * (L * H * stream + per_layer + (I + 2 * H) * d)
     else:
         activations = tokens * L * per_layer

@@ -18,7 +18,7 @@ the memory estimate (lib.memory) reads it too. Nothing else decides an "auto".
 | gradient_checkpointing     | on a GPU (trades ~30% speed for activations), off on a CPU                    |
 | liger_kernel               | on where its Triton kernels run (CUDA, liger-kernel installed)               |
 | fused_lora                 | on a GPU for 4-bit weights that are not sharded (lib/fused_lora.py); off on a |
-|                            | CPU, where it measured 3% slower (embedded model, SQL recipe, 2 cores)        |
+|                            | CPU, where it measured 4-17% slower (docs/task_speed_cpu.json)                |
 | packing (asked)            | kept only for models that read position_ids (packed examples stay apart), and |
 |                            | for bloom with attention="flex" (lib/alibi.py keeps them apart)               |
 | micro_batch_size           | the largest divisor of batch_size whose estimate fits memory_budget_gib       |

@@ -183,6 +183,12 @@ def test_the_plan_decides_every_auto_from_config_shapes_and_device(llama, shapes
     flex_plan = decide(config.replace(base_model=shapes_dirs["bloom-1b1"], attention="flex"), bloom, on_gpu=True)
     assert (flex_plan.attention, flex_plan.packed, flex_plan.attention_kernel) == ("flex", True, "flash")
     assert bloom.alibi_capable and not llama.alibi_capable
+    # bloom's LayerNorm on the embeddings makes its residual stream fp32 under autocast: the layer inputs that
+    # checkpointing keeps cost 4 bytes a value there, 2 for llama
+    assert bloom.fp32_stream and not llama.fp32_stream
+    bloom_bf16 = memory.training_memory(bloom, config, bloom_plan, 1)["activations"]
+    as_llama = memory.training_memory(dataclasses.replace(bloom, fp32_stream=False), config, bloom_plan, 1)
+    assert bloom_bf16 - as_llama["activations"] == config.max_seq_length * bloom.num_layers * bloom.hidden_size * 2
     with pytest.raises(ConfigError, match="ALiBi"):
         decide(config.replace(attention="flex"), llama, on_gpu=True)
     explicit = decide(config.replace(optimizer="paged_adamw_8bit", gradient_checkpointing=False, precision="fp32",

@@ -315,7 +315,7 @@ def run_project(arch: str, config: str, model_dir: str, seq_len: int, steps: int
                "liger": args.use_liger_kernel, "optimizer": getattr(args.optim, "value", args.optim),
                "lora_dropout": run_config.lora_dropout, "logging_steps": logging_steps, "loss_last": result.record["loss_history"][-1]["loss"],
                "estimated_gib": tuner.plan.estimated_gib, "sharded": tuner.plan.sharded,
-               "fused_lora": tuner.plan.fused_lora,
+               "fused_lora": tuner.plan.fused_lora, "fused_lora_layers": result.record["fused_lora_layers"],
                "setup_peak_gib_per_rank": per_rank(setup_peak), "train_peak_gib_per_rank": per_rank(peak_memory_gib()),
                "own_setup_peak_gib": setup_peak,
                "overrides": CONFIGS[config]}

@@ -65,6 +65,7 @@ def main(argv=None) -> int:
                "settings": {k: v for k, v in config.to_dict().items() if k in (
                    "batch_size", "max_seq_length", "packing", "max_steps", "prompt_format", *overrides)},
                "plan": {k: record["plan"].get(k) for k in ("micro_batch_size", "grad_accum", "packed", "attention", "fused_lora")},
+               "fused_lora_layers": record.get("fused_lora_layers"),
                "train_tokens_per_s": record["tokens_per_s"], "train_tokens": record["train_tokens"],
                "train_s": record["train_metrics"].get("train_runtime"), "peak_memory_gib": record["peak_memory_gib"],
                "eval_rows": len(rows), "eval_batch": evaluator.batch_size, "eval_dequantized": evaluator.dequantized,
