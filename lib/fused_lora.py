@@ -6,8 +6,8 @@ a scaling and an addition: five autograd nodes and a dozen Python calls. On a GP
 small steps is what a training step waits for on small models (docs/BENCHMARKS.md, "Where the time goes":
 the embedded model spent 1.90 s of host time against 0.17 s of GPU kernels over 3 steps). `install(model)`
 replaces the forward of each such layer by one autograd function that dequantizes the weight (bitsandbytes'
-own `dequantize_4bit`, as bitsandbytes' matmul does for large passes), multiplies, and adds the adapter's product in place
-(`addmm_`); its backward dequantizes again and makes the input's and the adapter's gradients with five
+own `dequantize_4bit`, as bitsandbytes' matmul does for large passes), multiplies, and adds the adapter's
+product in place (`addmm_`); its backward dequantizes again and makes the input's and the adapter's gradients with five
 matrix products. Same products in the same dtype as PEFT: the step serves a layer only where PEFT too would
 run the adapter in the 4-bit layer's compute dtype (under autocast on a GPU, or adapters in that dtype);
 tests/test_fused_lora.py compares outputs and gradients.

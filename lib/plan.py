@@ -239,14 +239,14 @@ def decide_attention(requested: str, shapes, on_gpu: bool) -> str:
     """The attention implementation: `requested`, or for "auto" varlen on CUDA where the model allows it
     (packed batches then cost only their examples' lengths), else SDPA, or eager for models whose attention
     is their own (bloom's ALiBi), which transformers' attention functions cannot replace. lib/alibi.py's
-    "flex" packs bloom when asked for; it is not "auto" until it is fast on a GPU (docs/BENCHMARKS.md run P)."""
+    "flex" packs bloom when asked for; not "auto": it took more memory than the seed (docs/BENCHMARKS.md run U)."""
     if requested == VARLEN and not shapes.varlen_capable:
         raise ConfigError("attention", requested, "auto, sdpa or eager: this model's attention cannot use varlen")
     if requested == FLEX and not shapes.alibi_capable:
         raise ConfigError("attention", requested, "auto, varlen, sdpa or eager: flex is for ALiBi models (bloom)")
     if requested != "auto":
         return requested
-    if not shapes.flash_capable:  # bloom's ALiBi ("flex" packs it, chosen explicitly: slow on an H200 so far)
+    if not shapes.flash_capable:  # bloom's ALiBi ("flex" packs it, chosen explicitly)
         return "eager"
     if shapes.varlen_capable and on_gpu and flash_varlen_available():
         return VARLEN

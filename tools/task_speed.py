@@ -33,7 +33,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="JSON file the rows are appended to")
     parser.add_argument("--compare-4bit", action="store_true",
                         help="also answer --repeats times with the base kept 4-bit (where evaluation dequantizes "
-                             "it), same rows a batch: times, scores and the share of answers that agree, in the last row")
+                             "it), same rows a batch: times, scores and the share of answers that agree, in the "
+                             "last row")
     args = parser.parse_args(argv)
 
     from lib.config import RunConfig, parse_overrides
@@ -64,8 +65,9 @@ def main(argv=None) -> int:
         row = {"task": config.task, "repeat": repeat, "device": device_name(), "date": datetime.date.today().isoformat(),
                "settings": {k: v for k, v in config.to_dict().items() if k in (
                    "batch_size", "max_seq_length", "packing", "max_steps", "prompt_format", *overrides)},
-               "plan": {k: record["plan"].get(k) for k in ("micro_batch_size", "grad_accum", "packed", "attention", "fused_lora")},
-               "fused_lora_layers": record.get("fused_lora_layers"),
+               "plan": {k: record["plan"][k]
+                        for k in ("micro_batch_size", "grad_accum", "packed", "attention", "fused_lora")},
+               "fused_lora_layers": record["fused_lora_layers"],
                "train_tokens_per_s": record["tokens_per_s"], "train_tokens": record["train_tokens"],
                "train_s": record["train_metrics"].get("train_runtime"), "peak_memory_gib": record["peak_memory_gib"],
                "eval_rows": len(rows), "eval_batch": evaluator.batch_size, "eval_dequantized": evaluator.dequantized,
