@@ -225,6 +225,7 @@ class FineTuner:
             include_num_input_tokens_seen="non_padding",
             logging_nan_inf_filter=False,  # its check reads the loss back every pass; a NaN loss shows in the log
             ddp_find_unused_parameters=False,  # only LoRA weights train; every one gets a gradient
+            ddp_broadcast_buffers=False,  # buffers (rotary tables) never change: no broadcast, no meeting, per pass
             report_to="none",
         )
 
@@ -328,6 +329,8 @@ class FineTuner:
             "estimated_peak_gib": self._estimated_peak_gib(),  # what peak_memory_gib was expected to read
             "plan": self.plan.to_dict(),  # every "auto" as decided (lib.plan), with the micro-batch
             "fused_lora_layers": self._fused_lora_layers(),
+            # FSDP: the embedding and the head kept sharded (lib.sharded_vocab)
+            "sharded_vocab": getattr(self.trainer, "sharded_vocab", False),
             "world_size": self.trainer.accelerator.num_processes,
             "rank_shares": self._rank_shares(),
             "device": device_name(),

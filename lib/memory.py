@@ -22,10 +22,11 @@ weights (embeddings, norms); P_l the LoRA weights:
                       64 weights and one fp32 scale per 256 of those; stored in the compute dtype under FSDP,
                       the same bytes)
                       sharded (FSDP, N processes): the above / N, plus two decoder layers' base weights gathered
-                      whole at once (the layer computing and the next one, which FSDP prefetches), plus the
-                      output head gathered whole, V * H * d (accelerate keeps that unit gathered from the loss
-                      in forward to its backward; measured on a Llama-3.1-8B shape: 4.81 GiB per GPU, the
-                      estimate 3.52 without this term, 4.50 with it)
+                      whole at once (the layer computing and the next one, which FSDP prefetches); for 4-bit
+                      models whose embedding and head lib.sharded_vocab keeps sharded (untied), nothing more,
+                      otherwise the output head gathered whole, V * H * d (accelerate keeps that unit gathered
+                      from the loss in forward to its backward; measured on a Llama-3.1-8B shape before
+                      lib.sharded_vocab: 4.81 GiB per GPU, the estimate 3.52 without this term, 4.50 with it)
     LoRA weights      P_l * 4            (fp32)                                  sharded: / N
     gradients         P_l * 4            (only the adapters get gradients)       sharded: / N
     optimizer state   P_l * 8            (AdamW: two fp32 moments; 8-bit AdamW: P_l * 2)   sharded: / N
@@ -50,6 +51,9 @@ weights (embeddings, norms); P_l the LoRA weights:
     loss              TRL's chunked LM head: one min(T, 4096) x min(V, 32768) logits tile in d bytes, and the
                       fp32 gradient of the last hidden state, T * H * 4. Full logits are never built. On a CPU
                       (no Triton) TRL's torch fallback holds about five fp32 copies of the tile besides.
+                      lib.sharded_vocab (FSDP, N processes): a slice of N x SLICE_ROWS head rows in d bytes and
+                      three fp32 copies of a min(T, TOKEN_TILE) x N x SLICE_ROWS logits tile, besides the
+                      gradient of the last hidden state.
     CPU workspace     on a CPU only: 0.6 x the parts above but the base weights. Measured, not derived: over 60
                       steps of each task's CPU recipe, a process's resident memory rose 1.55-1.66 x those parts
                       above its resident memory at the start (the allocator keeps freed blocks of steps of
@@ -102,6 +106,7 @@ class ModelShapes:
     layer_class: str = ""                     # the decoder layer's class (LlamaDecoderLayer): FSDP wraps each one
     fp32_stream: bool = False                 # a LayerNorm on the embeddings (bloom): autocast runs it in fp32,
                                               # so the residual stream starts, and stays, fp32 in bf16/fp16 training
+    shardable_vocab: bool = False             # untied embedding and head lib.sharded_vocab can keep sharded
 
     @property
     def linear_paths(self) -> list[str]:
@@ -128,7 +133,7 @@ def read_shapes(model_path: str) -> ModelShapes:
     """The shapes of the model at `model_path`, read from a meta-device copy (no weights loaded)."""
     import torch
 
-    from lib import alibi
+    from lib import alibi, sharded_vocab
     from lib.attention import keeps_packed_examples_apart, suits
 
     model = empty_model(model_path)
@@ -155,6 +160,7 @@ def read_shapes(model_path: str) -> ModelShapes:
         layer_class=",".join(getattr(model, "_no_split_modules", None) or []),
         fp32_stream=any(isinstance(module, torch.nn.LayerNorm) and "embed" in name.lower()
                         for name, module in model.named_modules()),
+        shardable_vocab=sharded_vocab.suits(model),
     )
 
 
@@ -198,9 +204,11 @@ def training_memory(shapes: ModelShapes, config, plan, micro_batch: int | None =
     quantized, other = shapes.linear_parameters, shapes.total_parameters - shapes.linear_parameters
     base = quantized * NF4_BYTES + other * d if config.load_in_4bit else shapes.total_parameters * d
     shards = plan.processes if plan.sharded else 1
+    vocab_sharded = plan.sharded and config.load_in_4bit and shapes.shardable_vocab  # lib.sharded_vocab serves it
     if plan.sharded:  # each process keeps 1/N of the weights, and gathers whole layers as it computes them
         base = base / shards + GATHERED_LAYERS * (quantized / L) * (NF4_BYTES if config.load_in_4bit else d)
-        base += shapes.vocab_size * H * d  # the output head, whole from the loss to its backward
+        if not vocab_sharded:
+            base += shapes.vocab_size * H * d  # the output head, whole from the loss to its backward
 
     tokens = micro_batch * plan.row_length(config)
     mlp = (3 if plan.liger else 4) * I if shapes.gated_mlp else 2 * I
@@ -223,6 +231,11 @@ def training_memory(shapes: ModelShapes, config, plan, micro_batch: int | None =
         scores = rows * shapes.num_heads * row * row * 2 * d * kept_layers
     tile = min(tokens, LOSS_TOKEN_TILE) * min(shapes.vocab_size, LOSS_VOCAB_TILE)
     loss = tile * (d if plan.on_gpu else d + CPU_TILE_TEMPORARIES * 4) + tokens * H * 4
+    if vocab_sharded:  # a slice of every process's head rows, and its fp32 logits tile, three copies at most
+        from lib.sharded_vocab import SLICE_ROWS, TOKEN_TILE  # here: importing lib.memory does not load torch
+
+        columns = shards * min(SLICE_ROWS, -(-shapes.vocab_size // shards))
+        loss = columns * H * d + min(tokens, TOKEN_TILE) * columns * 4 * 3 + tokens * H * 4
     parts = {
         "base weights": base,
         "LoRA weights": lora * LORA_BYTES / shards,

@@ -14,6 +14,8 @@ Two per-step walks over every module of the model are cut as well: the FLOPs cou
 parameter count once (Trainer counts them at every pass), and gradient clipping is given the trainable
 parameters (the adapter's) rather than every parameter of the model, outside FSDP, whose clipping needs them all.
 
+Under FSDP2 the embedding and the output head are never gathered whole (lib/sharded_vocab.py), where served.
+
 Only the plain path is changed (training, negative log-likelihood loss, no custom loss function, label
 smoothing or auxiliary loss); every other case is TRL's own code.
 """
@@ -31,6 +33,10 @@ class QLoRATrainer(SFTTrainer):
         self._pending_input_tokens = None  # tokens seen since the last read (a device tensor)
         self._flop_parameters = None       # the model's parameter count without embeddings, counted once
         self._trainable = None             # (model, its parameters that train), listed once
+        from lib import sharded_vocab
+
+        # FSDP: the embedding and the head stay sharded (lib/sharded_vocab.py); before accelerate prepares the model
+        self.sharded_vocab = sharded_vocab.install(self.model, self.accelerator)
 
     def train(self, *args, **kwargs):
         self._pending_sums, self._pending_input_tokens = [], None  # nothing left from an earlier, failed call
@@ -44,7 +50,8 @@ class QLoRATrainer(SFTTrainer):
         if not self._plain_path(model, return_outputs):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs["use_cache"] = False
-        outputs = model(**inputs, fused_lm_head=True)  # TRL's chunked LM head: log-probs, no full logits
+        head = {"sharded_vocab": True} if self.sharded_vocab else {"fused_lm_head": True}
+        outputs = model(**inputs, **head)  # TRL's chunked LM head (or ours, sharded): log-probs, no full logits
         tokens_scored = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
         loss = -outputs.log_probs.sum() / torch.as_tensor(tokens_scored).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lib import memory
+from lib import memory, sharded_vocab
 from tools import benchmark_core as benchmark
 from lib.config import ConfigError, RunConfig
 from lib.plan import decide
@@ -101,6 +101,9 @@ def test_fine_tuner_splits_the_batch_to_fit_the_budget(tiny_config):
     assert (args.optim, args.gradient_checkpointing, args.use_liger_kernel, args.packing) == (
         plan.optimizer, plan.checkpointing, plan.liger, plan.packed)
     assert args.bf16 == (plan.precision == "bf16") and tuner.trainer.model.config._attn_implementation == plan.attention
+    # several processes: no broadcast of the (constant) buffers at every pass; one process: no FSDP vocabulary
+    assert args.ddp_broadcast_buffers is False and args.ddp_find_unused_parameters is False
+    assert tuner.trainer.sharded_vocab is False
 
 
 def test_estimate_is_within_30_percent_of_every_measured_gpu_peak(shapes_dirs):
@@ -313,6 +316,32 @@ def test_qlora_70b_fits_each_gpu_whole_so_auto_keeps_ddp_and_fsdp_halves_its_wei
     shard = memory.training_memory(shapes, config, plan, 1)
     assert plan.sharded and 0.5 < shard["base weights"] / whole["base weights"] < 0.6  # half + gathered parts
     assert all(shard[part] == whole[part] / 2 for part in SHARDED_PARTS)
+    # lib.sharded_vocab keeps the untied embedding and head sharded: no head gathered whole, a slice of it instead
+    assert shapes.shardable_vocab
+    gathered = memory.GATHERED_LAYERS * shapes.linear_parameters / shapes.num_layers * memory.NF4_BYTES
+    assert shard["base weights"] == pytest.approx(whole["base weights"] / 2 + gathered)
+    columns = 2 * sharded_vocab.SLICE_ROWS
+    assert shard["loss"] == 1024 * 8192 * 4 + columns * 8192 * 2 + 1024 * columns * 4 * 3
+
+
+def test_a_tied_vocabulary_is_gathered_whole_under_fsdp(tmp_path, outside_a_launch):
+    """Tied embedding and head (SmolLM2's) are one matrix: lib.sharded_vocab leaves them to accelerate, which
+    keeps them gathered from the loss to its backward, and the estimate counts them."""
+    from transformers import AutoConfig
+
+    shapes = {}
+    for tied in (True, False):
+        AutoConfig.for_model("llama", **{**LLAMA_70B, "num_hidden_layers": 2, "tie_word_embeddings": tied}) \
+            .save_pretrained(tmp_path / str(tied))
+        shapes[tied] = memory.read_shapes(str(tmp_path / str(tied)))
+    assert not shapes[True].shardable_vocab and shapes[False].shardable_vocab
+    config = RunConfig(base_model=str(tmp_path / "True"), max_seq_length=1024, batch_size=1, distributed="fsdp")
+    plan = decide(config, shapes[True], on_gpu=True, processes=2)
+    tied = memory.training_memory(shapes[True], config, plan, 1)["base weights"]
+    untied = memory.training_memory(shapes[False], config.replace(base_model=str(tmp_path / "False")),
+                                    decide(config, shapes[False], on_gpu=True, processes=2), 1)["base weights"]
+    head = LLAMA_70B["vocab_size"] * LLAMA_70B["hidden_size"] * 2
+    assert tied - untied == pytest.approx(head - head / 2, rel=1e-6)  # the whole head, less the tied copy's shard
 
 
 def test_sharded_4bit_loading_must_fit_the_hosts_memory(llama_70b, outside_a_launch, monkeypatch):

@@ -62,6 +62,7 @@ ARCHITECTURES = {
 # A slice of the 70B shape: its embeddings and head with a few of its 80 decoder layers; the difference
 # between two slices' peaks is the measured memory of the layers in between.
 ARCHITECTURES.update({f"llama-70b-{n}layers": {**ARCHITECTURES["llama-70b"], "num_hidden_layers": n} for n in (2, 4)})
+ARCHITECTURES["llama-8b-2layers"] = {**ARCHITECTURES["llama-8b"], "num_hidden_layers": 2}  # a quick sharding check
 
 # Dense bf16/fp16 tensor-core peak from the datasheets (SXM parts), by a name fragment of the card.
 PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
@@ -316,6 +317,7 @@ def run_project(arch: str, config: str, model_dir: str, seq_len: int, steps: int
                "lora_dropout": run_config.lora_dropout, "logging_steps": logging_steps, "loss_last": result.record["loss_history"][-1]["loss"],
                "estimated_gib": tuner.plan.estimated_gib, "sharded": tuner.plan.sharded,
                "fused_lora": tuner.plan.fused_lora, "fused_lora_layers": result.record["fused_lora_layers"],
+               "sharded_vocab": result.record["sharded_vocab"],
                "setup_peak_gib_per_rank": per_rank(setup_peak), "train_peak_gib_per_rank": per_rank(peak_memory_gib()),
                "own_setup_peak_gib": setup_peak,
                "overrides": CONFIGS[config]}
