@@ -51,9 +51,9 @@ weights (embeddings, norms); P_l the LoRA weights:
     loss              TRL's chunked LM head: one min(T, 4096) x min(V, 32768) logits tile in d bytes, and the
                       fp32 gradient of the last hidden state, T * H * 4. Full logits are never built. On a CPU
                       (no Triton) TRL's torch fallback holds about five fp32 copies of the tile besides.
-                      lib.sharded_vocab (FSDP, N processes): a slice of N x SLICE_ROWS head rows in d bytes and
-                      three fp32 copies of a min(T, TOKEN_TILE) x N x SLICE_ROWS logits tile, besides the
-                      gradient of the last hidden state.
+                      lib.sharded_vocab (FSDP): a slice of SLICE_ROWS head rows in d bytes and three fp32
+                      copies of a min(T, TOKEN_TILE) x SLICE_ROWS logits tile, besides the gradient of the
+                      last hidden state.
     CPU workspace     on a CPU only: 0.6 x the parts above but the base weights. Measured, not derived: over 60
                       steps of each task's CPU recipe, a process's resident memory rose 1.55-1.66 x those parts
                       above its resident memory at the start (the allocator keeps freed blocks of steps of
@@ -234,7 +234,7 @@ def training_memory(shapes: ModelShapes, config, plan, micro_batch: int | None =
     if vocab_sharded:  # a slice of every process's head rows, and its fp32 logits tile, three copies at most
         from lib.sharded_vocab import SLICE_ROWS, TOKEN_TILE  # here: importing lib.memory does not load torch
 
-        columns = shards * min(SLICE_ROWS, -(-shapes.vocab_size // shards))
+        columns = shards * min(max(1, SLICE_ROWS // shards), -(-shapes.vocab_size // shards))
         loss = columns * H * d + min(tokens, TOKEN_TILE) * columns * 4 * 3 + tokens * H * 4
     parts = {
         "base weights": base,

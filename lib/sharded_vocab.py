@@ -14,8 +14,9 @@ of TRL's `fused_lm_head=True`:
   process's tokens (zeros for the others), and one reduce-scatter gives each process its own tokens'
   embeddings: exact (each sum has one non-zero term), 2 x tokens x hidden values in flight.
 - head: the per-token log-probabilities, entropy and top-1 hit (TRL's fused head's outputs) are computed from
-  the process's rows of the head, gathered a slice at a time (SLICE_ROWS of every process's rows at once), with
+  the process's rows of the head, gathered a slice at a time (SLICE_ROWS rows, every process's share), with
   a running log-sum-exp over the slices; backward gathers the slices again for the hidden states' gradient.
+  A slice is SLICE_ROWS rows whatever the number of processes (each gives SLICE_ROWS / N of its own).
   Nothing but the hidden states and one log-sum-exp per token is kept between the two.
 
 Both are frozen in QLoRA: no weight gradient is made (a trainable embedding or head is not served). Served:
@@ -33,7 +34,7 @@ import types
 
 import torch
 
-SLICE_ROWS = 8192    # rows of each process's head gathered at a time: 2 processes x 8,192 x 4,096 bf16 = 128 MiB
+SLICE_ROWS = 16384   # head rows gathered at a time, every process's share together: x 4,096 bf16 = 128 MiB
 TOKEN_TILE = 4096    # tokens scored at a time: a tile of 4,096 x 16,384 fp32 logits is 256 MiB
 SCALING_ATTRIBUTES = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                       "logits_scaling")  # config fields that change the logits (TRL's fused head reads them)
@@ -181,8 +182,9 @@ def _logit_tiles(x, local_rows, labels, vocab: int, group):
     world = dist.get_world_size(group)
     per = rows_per_process(vocab, world)
     owner, offset = labels // per, labels % per
-    for start in range(0, per, SLICE_ROWS):
-        rows = min(SLICE_ROWS, per - start)
+    share = max(1, SLICE_ROWS // world)  # each process's rows in a slice
+    for start in range(0, per, share):
+        rows = min(share, per - start)
         weight = _slice(local_rows, start, rows, group, world)
         past = (world - 1) * per + start + rows > vocab  # the last process keeps fewer rows: padding gathered
         invalid = None
