@@ -12,16 +12,23 @@ of TRL's `fused_lm_head=True`:
 
 - embedding: the processes exchange their token ids (a few KiB), each looks up the rows it owns for every
   process's tokens (zeros for the others), and one reduce-scatter gives each process its own tokens'
-  embeddings: exact (each sum has one non-zero term), 2 x tokens x hidden values in flight.
+  embeddings: exact (each sum has one non-zero term), about (N + 1) x tokens x hidden values in flight for N
+  processes. A token id outside the vocabulary is refused, as nn.Embedding would.
 - head: the per-token log-probabilities, entropy and top-1 hit (TRL's fused head's outputs) are computed from
   the process's rows of the head, gathered a slice at a time (SLICE_ROWS rows, every process's share), with
   a running log-sum-exp over the slices; backward gathers the slices again for the hidden states' gradient.
   A slice is SLICE_ROWS rows whatever the number of processes (each gives SLICE_ROWS / N of its own).
+  Top-1 is TRL's: the label is the first of the most likely tokens.
+
+Neither matrix is gathered during training. While FSDP shards them (once, before training) each is moved to
+the GPU whole and cut there, as accelerate does every decoder layer: one matrix at a time.
   Nothing but the hidden states and one log-sum-exp per token is kept between the two.
 
 Both are frozen in QLoRA: no weight gradient is made (a trainable embedding or head is not served). Served:
 FSDP2 through accelerate, 4-bit weights (QLoRA; accelerate's loading of 16-bit models re-reads whole state
-dicts, left as it is), an untied plain `nn.Embedding` and bias-free head, no logit scaling or soft-capping.
+dicts, left as it is), the model types of SERVED_MODEL_TYPES (their decoders treat embeddings passed in as
+looked-up ids: some others scale or re-read the ids only when given ids), an untied plain `nn.Embedding` and
+bias-free head, no logit scaling or soft-capping, and the trainer's plain loss (lib/trainer.py).
 Anything else keeps TRL's path. Generation and other calls without `sharded_vocab=True` run the model's own
 forward, where FSDP gathers both units as usual. tests/test_sharded_vocab.py compares log-probabilities,
 entropy and gradients with an unsharded model over two processes.
@@ -36,6 +43,7 @@ import torch
 
 SLICE_ROWS = 16384   # head rows gathered at a time, every process's share together: x 4,096 bf16 = 128 MiB
 TOKEN_TILE = 4096    # tokens scored at a time: a tile of 4,096 x 16,384 fp32 logits is 256 MiB
+SERVED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")  # embeddings passed in = ids looked up
 SCALING_ATTRIBUTES = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                       "logits_scaling")  # config fields that change the logits (TRL's fused head reads them)
 
@@ -45,7 +53,7 @@ def install(model, accelerator) -> bool:
     and add `sharded_vocab=True` to its forward, when served (module docstring); returns whether it did.
     Call it before accelerate prepares the model."""
     if not getattr(accelerator, "is_fsdp2", False) or getattr(accelerator, "torch_device_mesh", None) is not None:
-        return False  # not FSDP2, or a device mesh of several dimensions (accelerate's parallelism config)
+        return False  # not FSDP2, or accelerate's parallelism config made a device mesh (other groups, not ours)
     if not any(type(parameter).__name__ == "Params4bit" for parameter in model.parameters()):
         return False
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -69,14 +77,19 @@ def servable(model) -> bool:
 
 
 def suits(model) -> bool:
-    """The model's shapes allow it (lib.memory reads this from a meta-device copy): an untied plain embedding,
-    a bias-free linear head, logits neither scaled nor soft-capped."""
-    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    """The model's shapes allow it (lib.memory reads this from a meta-device copy): a served model type, an
+    untied plain embedding, a bias-free linear head, logits neither scaled nor soft-capped."""
+    text_config = model.config.get_text_config()
+    if getattr(text_config, "model_type", None) not in SERVED_MODEL_TYPES:
+        return False
+    try:
+        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    except NotImplementedError:  # a model without the accessors
+        return False
     if type(embed) is not torch.nn.Embedding or not isinstance(head, torch.nn.Linear) or head.bias is not None:
         return False
     if embed.weight is head.weight or embed.max_norm is not None:
         return False  # tied
-    text_config = model.config.get_text_config()
     return all(getattr(text_config, name, None) in (None, 1.0) for name in SCALING_ATTRIBUTES)
 
 
@@ -87,7 +100,12 @@ def shard_vocabulary(model) -> None:
     fully_shard(model.get_input_embeddings(), reshard_after_forward=True)
     fully_shard(model.get_output_embeddings(), reshard_after_forward=True)
     model._forward_before_sharded_vocab = model.forward
-    model.forward = types.MethodType(functools.wraps(type(model).forward)(_forward), model)
+
+    @functools.wraps(type(model).forward)  # the signature transformers reads (columns kept, generate's checks)
+    def forward(self, *args, **kwargs):
+        return _forward(self, *args, **kwargs)
+
+    model.forward = types.MethodType(forward, model)
 
 
 def installed(model) -> bool:
@@ -107,9 +125,9 @@ def _forward(self, *args, sharded_vocab=False, labels=None, shift_labels=None, n
     if args or kwargs.pop("inputs_embeds", None) is not None:
         raise ValueError("sharded_vocab=True takes input_ids as a keyword (every process must exchange its tokens)")
     embed_weight, head_weight = self.get_input_embeddings().weight, self.get_output_embeddings().weight
-    group = head_weight.device_mesh.get_group()
     input_ids = kwargs.pop("input_ids")
-    inputs_embeds = embedding(input_ids, embed_weight.to_local(), embed_weight.shape[0], group)
+    inputs_embeds = embedding(input_ids, embed_weight.to_local(), embed_weight.shape[0],
+                              embed_weight.device_mesh.get_group())
     if torch.is_grad_enabled():  # what PEFT's input hook does, for reentrant checkpointing
         inputs_embeds = inputs_embeds.detach().requires_grad_(True)
     kwargs["use_cache"] = False
@@ -120,7 +138,7 @@ def _forward(self, *args, sharded_vocab=False, labels=None, shift_labels=None, n
         labels = shift_labels
     mask = labels != -100
     log_probs, entropy, is_top1 = _HeadLogProbs.apply(hidden[mask], head_weight.to_local(), labels[mask],
-                                                      head_weight.shape[0], group)
+                                                      head_weight.shape[0], head_weight.device_mesh.get_group())
     # masked_scatter keeps the graph connected when a process has no scored token (TRL's fused head does the same)
     log_probs, entropy, is_top1 = (value.new_zeros(mask.shape).masked_scatter(mask, value)
                                    for value in (log_probs, entropy, is_top1))
@@ -143,9 +161,13 @@ def embedding(input_ids, local_rows, vocab: int, group):
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     per = rows_per_process(vocab, world)
     ids = input_ids.reshape(-1)
-    counts = torch.zeros(world, dtype=torch.int64, device=ids.device)
-    dist.all_gather_into_tensor(counts, ids.new_full((1,), ids.numel(), dtype=torch.int64), group=group)
-    longest = int(counts.max())  # one read a pass: the exchanged buffers need one size
+    sizes = torch.stack([ids.new_tensor(ids.numel()), ids.max() if ids.numel() else ids.new_tensor(-1)]).long()
+    every_count = sizes.new_empty(world * 2)
+    dist.all_gather_into_tensor(every_count, sizes, group=group)
+    counts, largest = every_count.view(world, 2).max(0).values.tolist()  # one read a pass: buffers need one size
+    if largest >= vocab:
+        raise ValueError(f"token id {largest} is outside the vocabulary of {vocab} (the embedding's rows)")
+    longest = counts
     padded = torch.cat([ids, ids.new_full((longest - ids.numel(),), -1)])
     every = padded.new_empty(world * longest)
     dist.all_gather_into_tensor(every, padded, group=group)
@@ -176,21 +198,20 @@ def _slice(local_rows, start: int, rows: int, group, world: int):
 def _logit_tiles(x, local_rows, labels, vocab: int, group):
     """Walk the head a slice at a time (every process the same slices, in order: each is a collective) and the
     tokens a tile at a time; yield (token tile, the slice's rows, fp32 logits with rows past the vocabulary at
-    -inf, the label's column in them, whether the label is in this slice, those rows' mask or None)."""
+    -inf, the vocabulary id of each column, the label's column in them, whether the label is in this slice,
+    the mask of rows past the vocabulary or None). The consumer drops what it holds before the next one."""
     import torch.distributed as dist
 
     world = dist.get_world_size(group)
     per = rows_per_process(vocab, world)
-    owner, offset = labels // per, labels % per
     share = max(1, SLICE_ROWS // world)  # each process's rows in a slice
+    owner, offset = labels // per, labels % per
     for start in range(0, per, share):
         rows = min(share, per - start)
         weight = _slice(local_rows, start, rows, group, world)
-        past = (world - 1) * per + start + rows > vocab  # the last process keeps fewer rows: padding gathered
-        invalid = None
-        if past:
-            ids = (torch.arange(world).unsqueeze(1) * per + start + torch.arange(rows)).reshape(-1)
-            invalid = (ids >= vocab).to(x.device)
+        ids = (torch.arange(world, device=x.device).unsqueeze(1) * per + start
+               + torch.arange(rows, device=x.device)).reshape(-1)
+        invalid = ids >= vocab if (world - 1) * per + start + rows > vocab else None  # the last process's padding
         hit = (offset >= start) & (offset < start + rows)
         column = (owner * rows + offset - start).clamp(0, world * rows - 1)
         for t in range(0, x.size(0), TOKEN_TILE):
@@ -198,7 +219,9 @@ def _logit_tiles(x, local_rows, labels, vocab: int, group):
             logits = (x[tile] @ weight.T).float()
             if invalid is not None:
                 logits.masked_fill_(invalid, float("-inf"))
-            yield tile, weight, logits, column[tile].unsqueeze(1), hit[tile], invalid
+            yield tile, weight, logits, ids, column[tile].unsqueeze(1), hit[tile], invalid
+            del logits  # before the next tile's: one tile alive at a time
+        del weight  # before the next slice is gathered
 
 
 class _HeadLogProbs(torch.autograd.Function):
@@ -212,8 +235,15 @@ class _HeadLogProbs(torch.autograd.Function):
         running_sum = torch.zeros(n, device=x.device)      # sum of exp(logit - running_max)
         running_dot = torch.zeros(n, device=x.device)      # sum of exp(logit - running_max) * logit
         target = torch.zeros(n, device=x.device)
-        for tile, _, logits, column, hit, invalid in _logit_tiles(x, local_rows, labels, vocab, group):
-            new_max = torch.maximum(running_max[tile], logits.max(1).values)
+        best = torch.full((n,), vocab, dtype=torch.long, device=x.device)  # first vocabulary id at the max
+        for tile, weight, logits, ids, column, hit, invalid in _logit_tiles(x, local_rows, labels, vocab, group):
+            tile_max = logits.max(1).values
+            # the smallest id among this slice's columns at its max (columns are not in vocabulary order)
+            tile_best = torch.where(logits == tile_max.unsqueeze(1), ids, vocab).min(1).values
+            new_max = torch.maximum(running_max[tile], tile_max)
+            best[tile] = torch.where(tile_max > running_max[tile], tile_best,
+                                     torch.where(tile_max == running_max[tile],
+                                                 torch.minimum(best[tile], tile_best), best[tile]))
             scale = torch.exp(running_max[tile] - new_max)
             exp = torch.exp(logits - new_max.unsqueeze(1))
             products = exp * (logits if invalid is None else logits.masked_fill(invalid, 0.0))
@@ -221,10 +251,11 @@ class _HeadLogProbs(torch.autograd.Function):
             running_dot[tile] = running_dot[tile] * scale + products.sum(1)
             running_max[tile] = new_max
             target[tile] = torch.where(hit, logits.gather(1, column).squeeze(1), target[tile])
+            del weight, logits, exp, products, tile_best  # before the next tile is computed
         log_sum_exp = running_max + torch.log(running_sum)
         ctx.save_for_backward(hidden, local_rows, labels, log_sum_exp)
         ctx.vocab, ctx.group = vocab, group
-        entropy, is_top1 = log_sum_exp - running_dot / running_sum, target >= running_max
+        entropy, is_top1 = log_sum_exp - running_dot / running_sum, best == labels  # TRL's: the first argmax
         ctx.mark_non_differentiable(entropy, is_top1)
         return target - log_sum_exp, entropy, is_top1
 
@@ -235,8 +266,10 @@ class _HeadLogProbs(torch.autograd.Function):
         x = hidden.to(local_rows.dtype)
         g = grad_log_probs.float()
         grad = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        for tile, weight, logits, column, hit, _ in _logit_tiles(x, local_rows, labels, ctx.vocab, ctx.group):
+        for tile, weight, logits, _, column, hit, _ in _logit_tiles(x, local_rows, labels, ctx.vocab, ctx.group):
             coefficient = torch.exp(logits - log_sum_exp[tile].unsqueeze(1)).mul_(-g[tile].unsqueeze(1))
+            del logits
             coefficient.scatter_add_(1, column, (g[tile] * hit).unsqueeze(1))
             grad[tile] += (coefficient.to(weight.dtype) @ weight).float()
+            del weight, coefficient  # before the next tile is computed
         return grad.to(hidden.dtype), None, None, None, None

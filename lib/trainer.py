@@ -35,8 +35,11 @@ class QLoRATrainer(SFTTrainer):
         self._trainable = None             # (model, its parameters that train), listed once
         from lib import sharded_vocab
 
-        # FSDP: the embedding and the head stay sharded (lib/sharded_vocab.py); before accelerate prepares the model
-        self.sharded_vocab = sharded_vocab.install(self.model, self.accelerator)
+        # FSDP: the embedding and the head stay sharded (lib/sharded_vocab.py) for the plain loss, which computes
+        # with them; installed before accelerate prepares the model
+        plain = (self.compute_loss_func is None and self.label_smoother is None and not self.aux_loss_enabled
+                 and self.args.loss_type == "nll")
+        self.sharded_vocab = plain and sharded_vocab.install(self.model, self.accelerator)
 
     def train(self, *args, **kwargs):
         self._pending_sums, self._pending_input_tokens = [], None  # nothing left from an earlier, failed call

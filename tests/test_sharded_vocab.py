@@ -20,11 +20,25 @@ def _spawn(target, *args):
     processes = [context.Process(target=target, args=(rank, port, results, *args)) for rank in range(2)]
     for process in processes:
         process.start()
-    got = [results.get(timeout=240) for _ in processes]
-    for process in processes:
-        process.join(60)
-        assert process.exitcode == 0
+    try:
+        got = [results.get(timeout=240) for _ in processes]
+        for process in processes:
+            process.join(60)
+            assert process.exitcode == 0
+    finally:  # one process failing leaves the other waiting in a collective: never leave it behind
+        for process in processes:
+            if process.is_alive():
+                process.kill()
     return dict(sorted(got))
+
+
+def _join(rank, port):
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=120))
 
 
 def _functions(rank, port, results):
@@ -32,18 +46,22 @@ def _functions(rank, port, results):
 
     from lib import sharded_vocab
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    _join(rank, port)
     try:
         sharded_vocab.SLICE_ROWS, sharded_vocab.TOKEN_TILE = 5, 3  # several slices and token tiles
         whole = torch.randn(VOCAB, HIDDEN, generator=torch.Generator().manual_seed(0))
         local = whole.chunk(2)[rank]  # the rows FSDP2 keeps on this process
         group = dist.group.WORLD
         report = {}
-        for case, tokens in (("both", 7 + 4 * rank), ("one empty", 7 * (1 - rank))):
+        for case, tokens in (("both", 7 + 4 * rank), ("one empty", 7 * (1 - rank)), ("ties", 3)):
             generator = torch.Generator().manual_seed(10 + rank)
             ids = torch.randint(0, VOCAB, (tokens,), generator=generator)
             ids[:2] = torch.tensor([VOCAB - 1, 0])[:tokens]  # the last row (on the other process) and the first
-            hidden = torch.randn(tokens, HIDDEN, generator=generator, requires_grad=True)
+            hidden = torch.randn(tokens, HIDDEN, generator=generator)
+            if case == "ties":  # every logit 0: top-1 is the first id only (TRL's), as argmax says
+                hidden.zero_()
+                ids = torch.tensor([0, 3, VOCAB - 1])
+            hidden.requires_grad_(True)
             weights = torch.randn(tokens, generator=generator)
             log_probs, entropy, top1 = sharded_vocab._HeadLogProbs.apply(hidden, local, ids, VOCAB, group)
             (log_probs * weights).sum().backward()
@@ -61,6 +79,11 @@ def _functions(rank, port, results):
                 grad=(hidden.grad - reference_hidden.grad).abs().max().item() if tokens else 0.0,
                 embedding=bool(torch.equal(embedded, whole[ids].view(1, tokens, HIDDEN))),
             )
+        try:  # an id past the vocabulary on one process: both refuse, neither waits for the other
+            sharded_vocab.embedding(torch.tensor([[VOCAB if rank == 0 else 1]]), local, VOCAB, group)
+            report["refused"] = False
+        except ValueError as error:
+            report["refused"] = f"token id {VOCAB} is outside" in str(error)
         results.put((rank, report))
     finally:
         dist.destroy_process_group()
@@ -68,11 +91,13 @@ def _functions(rank, port, results):
 
 def test_head_and_embedding_from_shards_equal_the_whole_matrices():
     """Log-probabilities, entropy, top-1 hits and the hidden states' gradient from each process's rows, gathered
-    a few rows at a time, equal the whole head's; the embedding from each process's rows equals the whole
-    matrix's rows. Token counts differ between the processes, and a process with no token still takes part."""
+    a few rows at a time, equal the whole head's (top-1 among tied logits too); the embedding from each
+    process's rows equals the whole matrix's rows. Token counts differ between the processes, and a process with
+    no token still takes part; an id past the vocabulary on one process is refused on both."""
     reports = _spawn(_functions)
     for rank, report in reports.items():
         assert report["one empty"]["tokens"] == (7 if rank == 0 else 0)
+        assert report.pop("refused") is True
         for case in report.values():
             assert case["log_probs"] < 1e-5 and case["entropy"] < 1e-5 and case["grad"] < 1e-5, (rank, case)
             assert case["top1"] and case["embedding"], (rank, case)
@@ -96,7 +121,7 @@ def _model(rank, port, results):
 
     from lib import sharded_vocab
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    _join(rank, port)
     try:
         sharded_vocab.SLICE_ROWS = 6
         base = _tiny_causal_lm()
@@ -134,9 +159,19 @@ def _model(rank, port, results):
                 return _unshard(*args, **kwargs)
 
             group.unshard = counted
-        outputs = model(input_ids=ids, labels=labels, sharded_vocab=True)
-        outputs.loss.backward()
-        during_training = dict(unshards)
+        from torch.distributed.tensor import DTensor
+
+        gathered, whole = [], []  # the head slices gathered; DTensors gathered whole (TRL's head does that)
+        real_slice, real_full = sharded_vocab._slice, DTensor.full_tensor
+        sharded_vocab._slice = lambda *a, **k: (lambda out: (gathered.append(out.shape), out)[1])(real_slice(*a, **k))
+        DTensor.full_tensor = lambda self, *a, **k: (whole.append(self.shape), real_full(self, *a, **k))[1]
+        try:
+            outputs = model(input_ids=ids, labels=labels, sharded_vocab=True)
+            outputs.loss.backward()
+        finally:
+            sharded_vocab._slice, DTensor.full_tensor = real_slice, real_full
+        during_training = dict(unshards, slices=len(gathered), largest_slice=max(rows for rows, _ in gathered),
+                               full_tensor=len(whole))
         grads = {name: (parameter.grad.full_tensor() - expected[name]).abs().max().item()
                  for name, parameter in model.named_parameters() if parameter.requires_grad}
         with torch.no_grad():
@@ -161,6 +196,9 @@ def test_a_sharded_model_trains_as_the_whole_one_without_gathering_its_vocabular
         assert report["logits"] < 1e-5, report
         assert report["unshards"]["embedding"] == 0 and report["unshards"]["head"] == 0, report
         assert report["unshards"]["layer"] >= 1, report
+        # the head gathered 6 rows at a time (2 x 3), 7 slices forward and 7 backward; nothing whole by DTensor
+        assert report["unshards"]["largest_slice"] == 6 and report["unshards"]["slices"] == 14, report
+        assert report["unshards"]["full_tensor"] == 0, report
 
 
 def test_served_only_for_untied_frozen_unscaled_vocabularies():
@@ -172,6 +210,9 @@ def test_served_only_for_untied_frozen_unscaled_vocabularies():
         parameter.requires_grad_(False)
     assert sharded_vocab.servable(model)
     model.config.final_logit_softcapping = 30.0
+    assert not sharded_vocab.servable(model)
+    model.config.final_logit_softcapping = None
+    model.config.model_type = "falcon_h1"  # scales embeddings only when given ids: not served
     assert not sharded_vocab.servable(model)
     tied = _tiny_causal_lm(tied=True)
     for parameter in tied.parameters():
