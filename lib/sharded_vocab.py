@@ -1,4 +1,4 @@
-"""Under FSDP, the input embedding and the output head are never gathered whole: each process keeps its rows.
+"""Under FSDP, the input embedding and the output head are not gathered during training: each process uses its rows.
 
 A Llama-3.1-8B shape has two 128,256 x 4,096 vocabulary matrices (0.98 GiB each in bf16). Under accelerate's
 FSDP2 each is a unit that is gathered whole when it computes: the embedding at the start of forward, and the
@@ -18,11 +18,11 @@ of TRL's `fused_lm_head=True`:
   the process's rows of the head, gathered a slice at a time (SLICE_ROWS rows, every process's share), with
   a running log-sum-exp over the slices; backward gathers the slices again for the hidden states' gradient.
   A slice is SLICE_ROWS rows whatever the number of processes (each gives SLICE_ROWS / N of its own).
+  Nothing but the hidden states and one log-sum-exp per token is kept between forward and backward.
   Top-1 is TRL's: the label is the first of the most likely tokens.
 
-Neither matrix is gathered during training. While FSDP shards them (once, before training) each is moved to
-the GPU whole and cut there, as accelerate does every decoder layer: one matrix at a time.
-  Nothing but the hidden states and one log-sum-exp per token is kept between the two.
+While FSDP shards the two matrices (once, before training) each is moved to the GPU whole and cut there, as
+accelerate does every decoder layer: one matrix at a time.
 
 Both are frozen in QLoRA: no weight gradient is made (a trainable embedding or head is not served). Served:
 FSDP2 through accelerate, 4-bit weights (QLoRA; accelerate's loading of 16-bit models re-reads whole state
@@ -108,11 +108,6 @@ def shard_vocabulary(model) -> None:
     model.forward = types.MethodType(forward, model)
 
 
-def installed(model) -> bool:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return hasattr(inner, "_forward_before_sharded_vocab")
-
-
 def _forward(self, *args, sharded_vocab=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
     if not sharded_vocab:
         for name, value in (("labels", labels), ("shift_labels", shift_labels),
@@ -164,10 +159,9 @@ def embedding(input_ids, local_rows, vocab: int, group):
     sizes = torch.stack([ids.new_tensor(ids.numel()), ids.max() if ids.numel() else ids.new_tensor(-1)]).long()
     every_count = sizes.new_empty(world * 2)
     dist.all_gather_into_tensor(every_count, sizes, group=group)
-    counts, largest = every_count.view(world, 2).max(0).values.tolist()  # one read a pass: buffers need one size
+    longest, largest = every_count.view(world, 2).max(0).values.tolist()  # one read a pass: buffers need one size
     if largest >= vocab:
         raise ValueError(f"token id {largest} is outside the vocabulary of {vocab} (the embedding's rows)")
-    longest = counts
     padded = torch.cat([ids, ids.new_full((longest - ids.numel(),), -1)])
     every = padded.new_empty(world * longest)
     dist.all_gather_into_tensor(every, padded, group=group)

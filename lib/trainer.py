@@ -14,7 +14,8 @@ Two per-step walks over every module of the model are cut as well: the FLOPs cou
 parameter count once (Trainer counts them at every pass), and gradient clipping is given the trainable
 parameters (the adapter's) rather than every parameter of the model, outside FSDP, whose clipping needs them all.
 
-Under FSDP2 the embedding and the output head are never gathered whole (lib/sharded_vocab.py), where served.
+Under FSDP2 the embedding and the output head are not gathered during training (lib/sharded_vocab.py), where
+served.
 
 Only the plain path is changed (training, negative log-likelihood loss, no custom loss function, label
 smoothing or auxiliary loss); every other case is TRL's own code.
@@ -37,17 +38,18 @@ class QLoRATrainer(SFTTrainer):
 
         # FSDP: the embedding and the head stay sharded (lib/sharded_vocab.py) for the plain loss, which computes
         # with them; installed before accelerate prepares the model
-        plain = (self.compute_loss_func is None and self.label_smoother is None and not self.aux_loss_enabled
-                 and self.args.loss_type == "nll")
-        self.sharded_vocab = plain and sharded_vocab.install(self.model, self.accelerator)
+        self.sharded_vocab = self._plain_loss() and sharded_vocab.install(self.model, self.accelerator)
 
     def train(self, *args, **kwargs):
         self._pending_sums, self._pending_input_tokens = [], None  # nothing left from an earlier, failed call
         return super().train(*args, **kwargs)
 
+    def _plain_loss(self) -> bool:
+        return (self.compute_loss_func is None and self.label_smoother is None and not self.aux_loss_enabled
+                and self.args.loss_type == "nll")
+
     def _plain_path(self, model, return_outputs: bool) -> bool:
-        return (model.training and not return_outputs and self.compute_loss_func is None
-                and self.label_smoother is None and not self.aux_loss_enabled and self.args.loss_type == "nll")
+        return model.training and not return_outputs and self._plain_loss()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self._plain_path(model, return_outputs):

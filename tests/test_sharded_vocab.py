@@ -221,7 +221,7 @@ def test_served_only_for_untied_frozen_unscaled_vocabularies():
     # not FSDP2, or no 4-bit weights: nothing changes
     assert not sharded_vocab.install(model, SimpleNamespace(is_fsdp2=False))
     assert not sharded_vocab.install(model, SimpleNamespace(is_fsdp2=True, torch_device_mesh=None))
-    assert not sharded_vocab.installed(model)
+    assert not hasattr(model, "_forward_before_sharded_vocab")  # its forward not wrapped
 
 
 def test_the_sharded_forward_wants_token_ids_by_name():
