@@ -13,7 +13,10 @@ CUDA the kernel is compiled (torch.compile, once a process) and never builds the
 (where flex_attention has no backward) the same bias and mask go to SDPA as one dense matrix per head.
 
 Batches without packing information (padded rows, generation with a cache, attention weights asked for,
-attention dropout while training) keep bloom's own forward.
+attention dropout while training) keep bloom's own attention.
+
+`install` also keeps bf16 training's residual stream in bf16 (bloom's LayerNorms return their input's dtype,
+as Llama's RMSNorm does; autocast would make them fp32) and runs bloom's tanh GeLU as PyTorch's fused one.
 """
 
 from __future__ import annotations
@@ -77,7 +80,36 @@ def install(model) -> int:
             module._bloom_forward = module.forward
             module.forward = functools.partial(_flex_forward, module, packing)
             patched += 1
+        elif isinstance(module, torch.nn.LayerNorm):
+            module.forward = functools.partial(_layer_norm, module, module.forward)
+        elif isinstance(module, modeling_bloom.BloomGelu):
+            module.forward = _gelu
     return patched
+
+
+def _layer_norm(module, bloom_forward, hidden):
+    """bloom's LayerNorm, in bf16 training returning bf16 (computed in fp32 inside the kernel). Under autocast
+    LayerNorm returns fp32, so bloom's residual stream, every projection's output (bitsandbytes returns its
+    input's dtype) and the MLP's 4 x hidden activations would be fp32: twice the bytes to move and keep. This
+    is how bf16 Llama-type models keep theirs (their RMSNorm casts back to the input's dtype). fp16 and fp32
+    keep bloom's own: an fp16 stream could overflow."""
+    import torch
+
+    if hidden.dtype != torch.bfloat16:
+        return bloom_forward(hidden)
+    weight, bias = module.weight, module.bias
+    weight = weight.to(hidden.dtype) if weight is not None else None
+    bias = bias.to(hidden.dtype) if bias is not None else None
+    with torch.autocast(hidden.device.type, enabled=False):
+        return torch.nn.functional.layer_norm(hidden, module.normalized_shape, weight, bias, module.eps)
+
+
+def _gelu(hidden):
+    """bloom's tanh GeLU (0.79788456 = sqrt(2 / pi) to 8 digits) as PyTorch's one fused kernel each way,
+    instead of bloom's autograd function of about 7 elementwise kernels forward and 15 backward."""
+    import torch
+
+    return torch.nn.functional.gelu(hidden, approximate="tanh")
 
 
 def _keeping_position_ids(forward, packing, *args, **kwargs):

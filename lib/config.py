@@ -27,7 +27,7 @@ ATTENTIONS = ("auto", "varlen", "sdpa", "eager", "flex")
 OPTIMIZERS = ("auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit")
 SWITCHES = ("auto", "on", "off")
 DISTRIBUTED = ("auto", "ddp", "fsdp")
-AUTO_OR_NUMBER = ("micro_batch_size", "memory_budget_gib", "cpu_threads")  # "auto" or a number, which text may spell ("4")
+AUTO_OR_NUMBER = ("micro_batch_size", "memory_budget_gib", "cpu_threads", "checkpointed_layers")  # "auto" or a number, which text may spell ("4")
 NAME_MAX_BYTES = 255  # longest file or folder name, in bytes, on common file systems (ext4, xfs, APFS)
 
 
@@ -86,6 +86,8 @@ class RunConfig:
     packing: bool = True                  # pack several examples into one sequence, attention kept within each example
     completion_only_loss: bool = True     # learn from the answer tokens only, not from the prompt
     gradient_checkpointing: Any = "auto"  # auto (on with CUDA) | true | false: recompute activations, less memory
+    checkpointed_layers: Any = "all"      # with checkpointing: all, or how many decoder layers (the first) recompute;
+                                          # the rest keep their activations: faster, more memory
     precision: str = "auto"               # auto (bf16 if supported, else fp16 GPU/fp32 CPU) | bf16 | fp16 | fp32
     attention: str = "auto"               # auto (varlen flash kernel on CUDA, else sdpa/eager) | varlen | sdpa | eager
                                           # | flex (bloom: ALiBi with packed examples kept apart, lib/alibi.py)
@@ -195,6 +197,8 @@ class RunConfig:
             _check_int("cpu_threads", self.cpu_threads, low=1, high=4096)
         if self.gradient_checkpointing != "auto":
             _check_bool("gradient_checkpointing", self.gradient_checkpointing)
+        if self.checkpointed_layers != "all":
+            _check_int("checkpointed_layers", self.checkpointed_layers, low=0, high=10**6)
         _check_float("lora_dropout", self.lora_dropout, low=0.0, high=0.9)
         _check_float("learning_rate", self.learning_rate, low=1e-8, high=1.0)
         _check_float("warmup_ratio", self.warmup_ratio, low=0.0, high=0.5)

@@ -253,6 +253,8 @@ class FineTuner:
         callbacks.append(self.resident)
         if not self.plan.on_gpu:
             callbacks.append(ReleaseFreedMemory())
+        if self.plan.checkpointing and self.config.checkpointed_layers != "all":
+            callbacks.append(CheckpointFirstLayers(self.config.checkpointed_layers))
         for callback in callbacks:
             self.trainer.add_callback(callback)
         started = time.perf_counter()
@@ -374,6 +376,25 @@ class ResidentAtStart(TrainerCallback):
         if args.device.type == "cpu":
             memory.release_freed_memory()  # what setup freed would otherwise count here and be reused unseen
         self.bytes = memory.resident_bytes()
+
+
+class CheckpointFirstLayers(TrainerCallback):
+    """Gradient checkpointing for the first `count` decoder layers only: the Trainer has just turned it on
+    for all of them (transformers' GradientCheckpointingLayer flags); the later ones keep their activations,
+    so backward does not recompute them. transformers' own `every_n_layers` frees only every n-th layer's
+    activations at a time (half of them at n=2), too coarse to fill a budget one layer at a time."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.layers = 0  # decoder layers found; how many recompute is min(count, layers)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+        for index, layer in enumerate(layers):
+            layer.gradient_checkpointing = layer.gradient_checkpointing and index < self.count
+        self.layers = len(layers)
 
 
 class ReleaseFreedMemory(TrainerCallback):

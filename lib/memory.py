@@ -39,9 +39,12 @@ weights (embeddings, norms); P_l the LoRA weights:
                       without gradient checkpointing: T * L * a
                       with it: T * (L * H * d        the layers' inputs, kept (4 bytes, not d, where a LayerNorm
                                                      on the embeddings, bloom's, makes the residual stream
-                                                     fp32: autocast runs LayerNorm in fp32)
+                                                     fp32: autocast runs LayerNorm in fp32; lib.alibi's flex
+                                                     path keeps it bf16)
                                     + a              one layer recomputed during backward
                                     + (I + 2H) * d)  that layer's gradients in flight
+                      checkpointing the first k layers only (checkpointed_layers): k layers keep their input,
+                      the other L - k keep a each (the recomputed layer's a above is one of them)
     attention scores  eager attention keeps each head's softmax in fp32 and in d bytes: one layer's worth is
                       rows * heads * R^2 * (4 + d), R = T when packing puts a micro-batch in one row, else the
                       sequence length; kept for every layer (one with checkpointing), plus two layers' worth
@@ -192,9 +195,17 @@ def adapter_bytes(trainable: int) -> int:
     return trainable * LORA_BYTES
 
 
-def training_memory(shapes: ModelShapes, config, plan, micro_batch: int | None = None) -> dict[str, float]:
+def fp32_stream(shapes: ModelShapes, plan) -> bool:
+    """Whether the residual stream is fp32 in training: after an fp32 embedding norm (bloom's, under autocast),
+    except on lib.alibi's flex path in bf16, which keeps it bf16."""
+    return shapes.fp32_stream and not (plan.attention == "flex" and plan.precision == "bf16")
+
+
+def training_memory(shapes: ModelShapes, config, plan, micro_batch: int | None = None,
+                    stream_fp32: bool | None = None) -> dict[str, float]:
     """The estimate of the module docstring, part by part, in bytes, for `micro_batch` sequences per pass
-    (default: the config's micro_batch_size, or its batch_size when that is "auto")."""
+    (default: the config's micro_batch_size, or its batch_size when that is "auto"); `stream_fp32` overrides
+    `fp32_stream` (a measured row of older code)."""
     if micro_batch is None:
         micro_batch = config.batch_size if config.micro_batch_size == "auto" else config.micro_batch_size
     d, H, L, I, K = (plan.compute_bytes, shapes.hidden_size, shapes.num_layers, shapes.intermediate_size,
@@ -217,8 +228,11 @@ def training_memory(shapes: ModelShapes, config, plan, micro_batch: int | None =
     if config.lora_dropout > 0:
         per_layer += (d + 1) * sum(inp for _, _, inp in targeted) / L
     if plan.checkpointing:
-        stream = 4 if shapes.fp32_stream else d  # the layer inputs kept: fp32 after an fp32 embedding norm
-        activations = tokens * (L * H * stream + per_layer + (I + 2 * H) * d)
+        stream = 4 if (fp32_stream(shapes, plan) if stream_fp32 is None else stream_fp32) else d  # layer inputs
+        recomputed = L if config.checkpointed_layers == "all" else min(L, config.checkpointed_layers)
+        # a layer that keeps its activations holds what a recomputed one holds in backward (measured: 16 of 16
+        # layers of llama-1b recomputed at 32 sequences 6.06 GiB, 15 of 16 5.93 GiB; docs/BENCHMARKS.md run B30)
+        activations = tokens * (recomputed * H * stream + max(L - recomputed, 1) * per_layer + (I + 2 * H) * d)
     else:
         activations = tokens * L * per_layer
 

@@ -11,9 +11,8 @@ the memory estimate (lib.memory) reads it too. Nothing else decides an "auto".
 |----------------------------|-------------------------------------------------------------------------------|
 | precision                  | bf16 where the hardware computes it natively; fp16 on older GPUs; else fp32   |
 | attention                  | varlen flash attention on CUDA where the model's attention allows it; SDPA;   |
-|                            | eager for models without transformers' attention functions (bloom; "flex" is  |
-|                            | its packed path, chosen explicitly: 2.8x the seed on an H200 but at 6.7 GiB   |
-|                            | against the seed's 4.8 (run U)                                                |
+|                            | for bloom (ALiBi, no transformers attention functions) "flex" on CUDA, its    |
+|                            | packed path (lib/alibi.py), eager on a CPU                                    |
 | optimizer                  | fused AdamW on a GPU, plain AdamW on a CPU                                    |
 | gradient_checkpointing     | on a GPU (trades ~30% speed for activations), off on a CPU                    |
 | liger_kernel               | on where its Triton kernels run (CUDA, liger-kernel installed)               |
@@ -237,17 +236,18 @@ def _cpu_has_bf16() -> bool:
 
 def decide_attention(requested: str, shapes, on_gpu: bool) -> str:
     """The attention implementation: `requested`, or for "auto" varlen on CUDA where the model allows it
-    (packed batches then cost only their examples' lengths), else SDPA, or eager for models whose attention
-    is their own (bloom's ALiBi), which transformers' attention functions cannot replace. lib/alibi.py's
-    "flex" packs bloom when asked for; not "auto": it took more memory than the seed (docs/BENCHMARKS.md run U)."""
+    (packed batches then cost only their examples' lengths), else SDPA. Models whose attention is their own
+    (bloom's ALiBi), which transformers' attention functions cannot replace, get lib/alibi.py's "flex" on
+    CUDA (packed, bf16 stream: 7x the seed's speed at 68% of its memory, docs/BENCHMARKS.md) and eager on a
+    CPU, where flex_attention has no backward and its stand-in holds a dense bias per head."""
     if requested == VARLEN and not shapes.varlen_capable:
         raise ConfigError("attention", requested, "auto, sdpa or eager: this model's attention cannot use varlen")
     if requested == FLEX and not shapes.alibi_capable:
         raise ConfigError("attention", requested, "auto, varlen, sdpa or eager: flex is for ALiBi models (bloom)")
     if requested != "auto":
         return requested
-    if not shapes.flash_capable:  # bloom's ALiBi ("flex" packs it, chosen explicitly)
-        return "eager"
+    if not shapes.flash_capable:  # bloom's ALiBi
+        return FLEX if on_gpu and shapes.alibi_capable else "eager"
     if shapes.varlen_capable and on_gpu and flash_varlen_available():
         return VARLEN
     return "sdpa"

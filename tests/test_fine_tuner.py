@@ -119,3 +119,32 @@ def test_every_run_of_two_steps_or_more_has_at_least_two_loss_points(tiny_config
     """3 steps with logging_steps=5: the first step (logging_first_step) and the last (LogLastStep)."""
     result = FineTuner(tiny_config(max_steps=3, logging_steps=5, save_steps=100, tracking="off")).run()
     assert [point["step"] for point in result.record["loss_history"]] == [1, 3]
+
+
+def test_checkpointing_the_first_layers_only_keeps_the_loss(tiny_config):
+    """checkpointed_layers=3: the first 3 decoder layers recompute in backward, the other 27 keep their
+    activations; checkpointing changes no number, so the losses equal those of checkpointing every layer."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    losses, flags = {}, {}
+    for layers in ("all", 3):
+        tuner = FineTuner(tiny_config(task="sql", run_name=f"ckpt-{layers}", gradient_checkpointing=True,
+                                      checkpointed_layers=layers, precision="fp32", max_steps=3)).setup()
+        result = tuner.train()
+        losses[layers] = [point["loss"] for point in result.record["loss_history"]]
+        flags[layers] = [module.gradient_checkpointing for module in tuner.trainer.model.modules()
+                         if isinstance(module, GradientCheckpointingLayer)]
+    assert flags["all"] == [True] * 30 and flags[3] == [True] * 3 + [False] * 27
+    assert len(losses[3]) == 3
+    assert losses[3] == pytest.approx(losses["all"], rel=1e-5)
+
+
+def test_checkpointed_layers_setting_is_checked(tiny_config):
+    """"all", or a count of layers (text from a notebook parameter read as a number); anything else refused."""
+    from lib.config import RunConfig
+
+    assert RunConfig.from_dict({"checkpointed_layers": "4"}).checkpointed_layers == 4
+    assert tiny_config(checkpointed_layers=0).validate().checkpointed_layers == 0
+    for bad in ("some", -1, 2.5, True):
+        with pytest.raises(ConfigError, match="checkpointed_layers"):
+            tiny_config(checkpointed_layers=bad).validate()

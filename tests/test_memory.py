@@ -181,17 +181,22 @@ def test_the_plan_decides_every_auto_from_config_shapes_and_device(llama, shapes
     fitted = decide(config.replace(memory_budget_gib=40), llama, on_gpu=True)
     assert fitted.micro_batch_size * fitted.grad_accum == 8 and fitted.estimated_gib > 0
     bloom = memory.read_shapes(shapes_dirs["bloom-1b1"])
-    bloom_plan = decide(config.replace(base_model=shapes_dirs["bloom-1b1"]), bloom, on_gpu=True)
-    assert (bloom_plan.attention, bloom_plan.packed) == ("eager", False)
-    flex_plan = decide(config.replace(base_model=shapes_dirs["bloom-1b1"], attention="flex"), bloom, on_gpu=True)
+    flex_plan = decide(config.replace(base_model=shapes_dirs["bloom-1b1"]), bloom, on_gpu=True)  # auto
     assert (flex_plan.attention, flex_plan.packed, flex_plan.attention_kernel) == ("flex", True, "flash")
+    cpu_bloom = decide(config.replace(base_model=shapes_dirs["bloom-1b1"]), bloom, on_gpu=False)
+    assert (cpu_bloom.attention, cpu_bloom.packed) == ("eager", False)
+    bloom_plan = decide(config.replace(base_model=shapes_dirs["bloom-1b1"], attention="eager"), bloom, on_gpu=True)
+    assert (bloom_plan.attention, bloom_plan.packed) == ("eager", False)
     assert bloom.alibi_capable and not llama.alibi_capable
     # bloom's LayerNorm on the embeddings makes its residual stream fp32 under autocast: the layer inputs that
-    # checkpointing keeps cost 4 bytes a value there, 2 for llama
+    # checkpointing keeps cost 4 bytes a value there, 2 for llama; lib.alibi's flex path keeps bf16
     assert bloom.fp32_stream and not llama.fp32_stream
-    bloom_bf16 = memory.training_memory(bloom, config, bloom_plan, 1)["activations"]
-    as_llama = memory.training_memory(dataclasses.replace(bloom, fp32_stream=False), config, bloom_plan, 1)
-    assert bloom_bf16 - as_llama["activations"] == config.max_seq_length * bloom.num_layers * bloom.hidden_size * 2
+    stream_bytes = config.max_seq_length * bloom.num_layers * bloom.hidden_size * 2
+    for plan, extra in ((bloom_plan, stream_bytes), (flex_plan, 0),
+                        (dataclasses.replace(flex_plan, precision="fp16"), stream_bytes)):
+        as_bloom = memory.training_memory(bloom, config, plan, 1)["activations"]
+        as_llama = memory.training_memory(dataclasses.replace(bloom, fp32_stream=False), config, plan, 1)
+        assert as_bloom - as_llama["activations"] == extra
     with pytest.raises(ConfigError, match="ALiBi"):
         decide(config.replace(attention="flex"), llama, on_gpu=True)
     explicit = decide(config.replace(optimizer="paged_adamw_8bit", gradient_checkpointing=False, precision="fp32",
@@ -429,3 +434,20 @@ def test_the_sharded_8b_plan_matches_the_measured_peaks_of_run_w(tmp_path, outsi
         estimate = total(memory.training_memory(shapes, config, plan, row["batch_size"])) / 2**30
         assert 0.9 <= estimate / row["peak_mem_gib"] <= 1.1, (parallel, estimate, row["peak_mem_gib"])
     assert rows["fsdp"]["peak_mem_gib"] <= 0.6 * rows["ddp"]["peak_mem_gib"]
+
+
+def test_checkpointing_the_first_layers_only_keeps_the_others_activations(llama, shapes_dirs):
+    """checkpointed_layers=k: k layers keep their input, the other L - k their whole activations a; the
+    first such layer costs what the layer recomputed in backward would (run B30: 15 of 16 recomputed at 32
+    sequences 5.93 GiB, 16 of 16 6.06 GiB)."""
+    config = RunConfig(base_model=shapes_dirs["llama-1b"], max_seq_length=1024, batch_size=16, lora_dropout=0.0,
+                       target_modules="attention")
+    plan = gpu_setup(config, llama, liger=True, checkpointing=True)
+    H, K, I, d = llama.hidden_size, llama.kv_size, llama.intermediate_size, 2
+    per_layer = (4 * H + 2 * K + 2 * H + 3 * I) * d
+    tokens = 16 * 1024
+    every = memory.training_memory(llama, config, plan, 16)["activations"]
+    for layers in (15, 10, 0):
+        some = memory.training_memory(llama, config.replace(checkpointed_layers=layers), plan, 16)["activations"]
+        assert some - every == pytest.approx(tokens * ((15 - layers) * per_layer - (16 - layers) * H * d))
+    assert memory.training_memory(llama, config.replace(checkpointed_layers=99), plan, 16)["activations"] == every

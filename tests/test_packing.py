@@ -250,3 +250,39 @@ def test_document_block_mask_matches_torchs_create_block_mask():
     flex = alibi.attend(q, k, v, ours, slopes, 8 ** -0.5, True)
     kept = documents >= 0
     torch.testing.assert_close(flex.transpose(1, 2)[kept], dense.transpose(1, 2)[kept], rtol=1e-4, atol=1e-5)
+
+
+def test_bloom_flex_keeps_the_bf16_stream_and_bloom_s_gelu(tiny_bloom, examples):
+    """lib.alibi.install: bloom's LayerNorms return bf16 for bf16 inputs (computed as fp32 LayerNorm rounded
+    once; CUDA's autocast would return fp32 and make the whole residual stream fp32), leave fp32 inputs to bloom's
+    own, and the fused tanh GeLU equals bloom's GeLU and its gradient."""
+    from transformers.models.bloom import modeling_bloom
+
+    from lib import alibi
+
+    model = models.load_base_model(tiny_bloom, load_in_4bit=False, attention="flex", precision="bf16")
+    norm = model.transformer.h[0].input_layernorm
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2), norm.bias.normal_(0.0, 0.2)
+    hidden = torch.randn(3, 7, norm.normalized_shape[0]) * 3 + 1
+    reference = torch.nn.functional.layer_norm(hidden, norm.normalized_shape, norm.weight.float(),
+                                               norm.bias.float(), norm.eps)
+    got = norm(hidden.bfloat16())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), reference, rtol=2e-2, atol=2e-2)
+    fp32_norm = models.load_base_model(tiny_bloom, load_in_4bit=False, attention="flex",
+                                       precision="fp32").transformer.h[0].input_layernorm
+    with torch.no_grad():
+        fp32_norm.weight.copy_(norm.weight), fp32_norm.bias.copy_(norm.bias)
+    torch.testing.assert_close(fp32_norm(hidden), reference, rtol=0, atol=0)  # not bf16: bloom's own
+    ids = torch.tensor([[token % 500 + 2 for token in examples[0][:30]]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, position_ids=torch.arange(30)[None], use_cache=False, output_hidden_states=True)
+    assert {state.dtype for state in out.hidden_states} == {torch.bfloat16}
+    gelu = model.transformer.h[0].mlp.gelu_impl
+    assert gelu.forward is alibi._gelu
+    x = torch.linspace(-6, 6, 2001, dtype=torch.float64, requires_grad=True)
+    ours, bloom = gelu(x), modeling_bloom.GeLUFunction.apply(x)
+    torch.testing.assert_close(ours, bloom, rtol=0, atol=1e-8)
+    torch.testing.assert_close(torch.autograd.grad(ours.sum(), x)[0], torch.autograd.grad(bloom.sum(), x)[0],
+                               rtol=0, atol=1e-8)
