@@ -106,7 +106,7 @@ def _layer_norm(module, bloom_forward, hidden):
 
 def _gelu(hidden):
     """bloom's tanh GeLU (0.79788456 = sqrt(2 / pi) to 8 digits) as PyTorch's one fused kernel each way,
-    instead of bloom's autograd function of about 7 elementwise kernels forward and 15 backward."""
+    instead of bloom's autograd function of about 9 elementwise kernels forward and 15 backward."""
     import torch
 
     return torch.nn.functional.gelu(hidden, approximate="tanh")
@@ -271,8 +271,9 @@ def attend(query, key, value, mask, slopes, scale: float, flex: bool):
     def alibi(score, b, h, q_idx, kv_idx):
         return score + slopes[h] * (kv_idx - q_idx).to(score.dtype)
 
-    # bloom's projections come out in fp32 (its hidden states are fp32 with 4-bit weights); under autocast its
-    # own attention multiplies in bf16, and so does this. flex_attention in fp32 took 154 ms a call against
+    # in fp16 training bloom's projections come out in fp32 (its residual stream is fp32 there: autocast's
+    # LayerNorm; `_layer_norm` keeps bf16's bf16); under autocast its own attention multiplies in the autocast
+    # dtype, and so does this. flex_attention in fp32 took 154 ms a call against
     # 3.1 ms in bf16 for 16,384 tokens (H200, 2026-11-30; docs/BENCHMARKS.md, run U)
     device = query.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype

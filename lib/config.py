@@ -86,10 +86,11 @@ class RunConfig:
     packing: bool = True                  # pack several examples into one sequence, attention kept within each example
     completion_only_loss: bool = True     # learn from the answer tokens only, not from the prompt
     gradient_checkpointing: Any = "auto"  # auto (on with CUDA) | true | false: recompute activations, less memory
-    checkpointed_layers: Any = "all"      # with checkpointing: all, or how many decoder layers (the first) recompute;
-                                          # the rest keep their activations: faster, more memory
+    checkpointed_layers: Any = "all"      # with checkpointing: "all", or how many decoder layers (the first) recompute;
+                                          # the rest keep their activations: faster, more memory (0: no checkpointing)
     precision: str = "auto"               # auto (bf16 if supported, else fp16 GPU/fp32 CPU) | bf16 | fp16 | fp32
-    attention: str = "auto"               # auto (varlen flash kernel on CUDA, else sdpa/eager) | varlen | sdpa | eager
+    attention: str = "auto"               # auto (varlen flash kernel on CUDA, else sdpa; bloom: flex on CUDA in bf16,
+                                          # else eager) | varlen | sdpa | eager
                                           # | flex (bloom: ALiBi with packed examples kept apart, lib/alibi.py)
     optimizer: str = "auto"               # auto (fused AdamW on GPU, AdamW on CPU) or one of OPTIMIZERS
     liger_kernel: str = "auto"            # auto (on with CUDA + liger-kernel) | on | off: fused norm/RoPE/SwiGLU
@@ -197,8 +198,9 @@ class RunConfig:
             _check_int("cpu_threads", self.cpu_threads, low=1, high=4096)
         if self.gradient_checkpointing != "auto":
             _check_bool("gradient_checkpointing", self.gradient_checkpointing)
-        if self.checkpointed_layers != "all":
-            _check_int("checkpointed_layers", self.checkpointed_layers, low=0, high=10**6)
+        layers = self.checkpointed_layers
+        if layers != "all" and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 0):
+            raise ConfigError("checkpointed_layers", layers, '"all" or a number of decoder layers (0 or more)')
         _check_float("lora_dropout", self.lora_dropout, low=0.0, high=0.9)
         _check_float("learning_rate", self.learning_rate, low=1e-8, high=1.0)
         _check_float("warmup_ratio", self.warmup_ratio, low=0.0, high=0.5)

@@ -33,7 +33,9 @@ weights (embeddings, norms); P_l the LoRA weights:
     activations       what backward needs, a = values kept per token and layer:
                         a = (4H + 2K  attention: normed input, queries, keys, values, attention output
                              + 2H     the two norms' inputs (4H without Liger: HF's RMSNorm keeps fp32 copies)
-                             + 3I     gated MLP with Liger (gate, up, their product); 4I without; 2I ungated)
+                             + 2I     gated MLP with Liger (gate, up); 3I without (and SiLU(gate)); I ungated
+                             + I      where a LoRA targets the MLP's down projection: its input (bitsandbytes'
+                                      frozen 4-bit product keeps none))
                             * d
                             + (d + 1) * in_features of every targeted layer   (LoRA dropout's output and mask)
                       without gradient checkpointing: T * L * a
@@ -47,7 +49,8 @@ weights (embeddings, norms); P_l the LoRA weights:
                       the other L - k keep a each (the recomputed layer's a above is one of them)
     attention scores  eager attention keeps each head's softmax in fp32 and in d bytes: one layer's worth is
                       rows * heads * R^2 * (4 + d), R = T when packing puts a micro-batch in one row, else the
-                      sequence length; kept for every layer (one with checkpointing), plus two layers' worth
+                      sequence length; kept for every layer (with checkpointing: for the layers that keep their
+                      activations, at least one), plus two layers' worth
                       in flight during backward (the scores' gradients). SDPA on a CPU (its math path) keeps
                       two d-byte copies, rows * heads * R^2 * 2d a layer. Flash and memory-efficient kernels
                       (varlen, SDPA on CUDA) keep none.
@@ -222,14 +225,18 @@ def training_memory(shapes: ModelShapes, config, plan, micro_batch: int | None =
             base += shapes.vocab_size * H * d  # the output head, whole from the loss to its backward
 
     tokens = micro_batch * plan.row_length(config)
-    mlp = (3 if plan.liger else 4) * I if shapes.gated_mlp else 2 * I
+    # gated: gate and up (Liger recomputes their product), without Liger also SiLU(gate); ungated: the
+    # activation's input. bitsandbytes' frozen 4-bit product keeps no input; a LoRA on the down projection does
+    mlp = ((2 if plan.liger else 3) if shapes.gated_mlp else 1) * I
+    if any(inp == I for _, _, inp in targeted):
+        mlp += I
     norms = (2 if plan.liger else 4) * H
     per_layer = (4 * H + 2 * K + norms + mlp) * d
     if config.lora_dropout > 0:
         per_layer += (d + 1) * sum(inp for _, _, inp in targeted) / L
+    recomputed = L if config.checkpointed_layers == "all" else min(L, config.checkpointed_layers)
     if plan.checkpointing:
         stream = 4 if (fp32_stream(shapes, plan) if stream_fp32 is None else stream_fp32) else d  # layer inputs
-        recomputed = L if config.checkpointed_layers == "all" else min(L, config.checkpointed_layers)
         # a layer that keeps its activations holds what a recomputed one holds in backward (measured: 16 of 16
         # layers of llama-1b recomputed at 32 sequences 6.06 GiB, 15 of 16 5.93 GiB; docs/BENCHMARKS.md run B30)
         activations = tokens * (recomputed * H * stream + max(L - recomputed, 1) * per_layer + (I + 2 * H) * d)
@@ -238,7 +245,7 @@ def training_memory(shapes: ModelShapes, config, plan, micro_batch: int | None =
 
     scores = 0.0
     rows, row = (1, tokens) if plan.packed else (micro_batch, plan.row_length(config))
-    kept_layers = 1 if plan.checkpointing else L
+    kept_layers = max(L - recomputed, 1) if plan.checkpointing else L  # layers whose scores stay until backward
     if plan.attention_kernel == "eager":
         scores = rows * shapes.num_heads * row * row * (4 + d) * (kept_layers + 2)
     elif plan.attention_kernel == "sdpa":

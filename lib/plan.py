@@ -11,10 +11,11 @@ the memory estimate (lib.memory) reads it too. Nothing else decides an "auto".
 |----------------------------|-------------------------------------------------------------------------------|
 | precision                  | bf16 where the hardware computes it natively; fp16 on older GPUs; else fp32   |
 | attention                  | varlen flash attention on CUDA where the model's attention allows it; SDPA;   |
-|                            | for bloom (ALiBi, no transformers attention functions) "flex" on CUDA, its    |
-|                            | packed path (lib/alibi.py), eager on a CPU                                    |
+|                            | for bloom (ALiBi, no transformers attention functions) "flex", its packed     |
+|                            | path (lib/alibi.py), on CUDA in bf16 with Triton; else eager                  |
 | optimizer                  | fused AdamW on a GPU, plain AdamW on a CPU                                    |
-| gradient_checkpointing     | on a GPU (trades ~30% speed for activations), off on a CPU                    |
+| gradient_checkpointing     | on a GPU (trades ~30% speed for activations), off on a CPU; with it,          |
+|                            | checkpointed_layers=N recomputes only the first N layers (0: off)             |
 | liger_kernel               | on where its Triton kernels run (CUDA, liger-kernel installed)               |
 | fused_lora                 | on a GPU for 4-bit weights that are not sharded (lib/fused_lora.py); off on a |
 |                            | CPU, where it measured 4-17% slower (docs/task_speed_cpu.json)                |
@@ -47,7 +48,7 @@ COMPUTE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 class Plan:
     on_gpu: bool
     precision: str              # "bf16" | "fp16" | "fp32": what the model computes in
-    attention: str              # the attn_implementation the model runs: "varlen" | "sdpa" | "eager"
+    attention: str              # the attn_implementation the model runs: "varlen" | "sdpa" | "eager" | "flex"
     optimizer: str              # the trainer's `optim`
     checkpointing: bool         # gradient checkpointing
     liger: bool                 # Liger's fused kernels
@@ -98,14 +99,15 @@ def decide(config, shapes, on_gpu: bool | None = None, longest_example: int | No
     import torch
 
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
-    attention = decide_attention(config.attention, shapes, on_gpu)
+    attention = decide_attention(config.attention, shapes, on_gpu, resolve_precision(config.precision, on_gpu))
     plan = Plan(
         on_gpu=on_gpu,
         precision=resolve_precision(config.precision, on_gpu),
         attention=attention,
         optimizer=config.optimizer if config.optimizer != "auto" else
         ("adamw_torch_fused" if on_gpu else "adamw_torch"),
-        checkpointing=bool(on_gpu if config.gradient_checkpointing == "auto" else config.gradient_checkpointing),
+        checkpointing=bool(on_gpu if config.gradient_checkpointing == "auto" else config.gradient_checkpointing)
+        and config.checkpointed_layers != 0,  # none of the layers recomputes: no checkpointing
         liger=liger_enabled(config.liger_kernel, on_gpu),
         packed=bool(config.packing and (shapes.keeps_examples_apart or attention == FLEX)),
         processes=processes or max(int(os.environ.get("WORLD_SIZE", 1)), 1),
@@ -234,12 +236,13 @@ def _cpu_has_bf16() -> bool:
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
-def decide_attention(requested: str, shapes, on_gpu: bool) -> str:
+def decide_attention(requested: str, shapes, on_gpu: bool, precision: str = "bf16") -> str:
     """The attention implementation: `requested`, or for "auto" varlen on CUDA where the model allows it
     (packed batches then cost only their examples' lengths), else SDPA. Models whose attention is their own
     (bloom's ALiBi), which transformers' attention functions cannot replace, get lib/alibi.py's "flex" on
-    CUDA (packed, bf16 stream: 7x the seed's speed at 68% of its memory, docs/BENCHMARKS.md) and eager on a
-    CPU, where flex_attention has no backward and its stand-in holds a dense bias per head."""
+    CUDA in bf16 with Triton (packed, bf16 stream: 7.0x the seed's speed at 68% of its memory, run C31 in
+    docs/BENCHMARKS.md), else eager: on a CPU flex_attention has no backward and its stand-in holds a dense
+    bias per head; in fp16 the stream stays fp32 (run U's 6.7 GiB)."""
     if requested == VARLEN and not shapes.varlen_capable:
         raise ConfigError("attention", requested, "auto, sdpa or eager: this model's attention cannot use varlen")
     if requested == FLEX and not shapes.alibi_capable:
@@ -247,10 +250,16 @@ def decide_attention(requested: str, shapes, on_gpu: bool) -> str:
     if requested != "auto":
         return requested
     if not shapes.flash_capable:  # bloom's ALiBi
-        return FLEX if on_gpu and shapes.alibi_capable else "eager"
+        flex = on_gpu and precision == "bf16" and triton_available()
+        return FLEX if flex and shapes.alibi_capable else "eager"
     if shapes.varlen_capable and on_gpu and flash_varlen_available():
         return VARLEN
     return "sdpa"
+
+
+def triton_available() -> bool:
+    """Whether Triton is installed: flex_attention compiles its CUDA kernel with it."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def liger_enabled(liger_kernel: str, on_gpu: bool) -> bool:

@@ -126,15 +126,22 @@ def test_checkpointing_the_first_layers_only_keeps_the_loss(tiny_config):
     activations; checkpointing changes no number, so the losses equal those of checkpointing every layer."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    losses, flags = {}, {}
+    losses, flags, calls = {}, {}, {}
     for layers in ("all", 3):
         tuner = FineTuner(tiny_config(task="sql", run_name=f"ckpt-{layers}", gradient_checkpointing=True,
                                       checkpointed_layers=layers, precision="fp32", max_steps=3)).setup()
+        decoder = [module for module in tuner.trainer.model.modules() if isinstance(module, GradientCheckpointingLayer)]
+        calls[layers] = [0] * len(decoder)
+        for index, layer in enumerate(decoder):
+            layer.register_forward_pre_hook(lambda *args, index=index, seen=calls[layers]: seen.__setitem__(
+                index, seen[index] + 1))
         result = tuner.train()
         losses[layers] = [point["loss"] for point in result.record["loss_history"]]
         flags[layers] = [module.gradient_checkpointing for module in tuner.trainer.model.modules()
                          if isinstance(module, GradientCheckpointingLayer)]
     assert flags["all"] == [True] * 30 and flags[3] == [True] * 3 + [False] * 27
+    passes = calls[3][-1]  # a layer that keeps its activations runs once a pass; a recomputed one twice
+    assert passes >= 3 and calls[3] == [2 * passes] * 3 + [passes] * 27 and calls["all"] == [2 * passes] * 30
     assert len(losses[3]) == 3
     assert losses[3] == pytest.approx(losses["all"], rel=1e-5)
 
@@ -146,5 +153,5 @@ def test_checkpointed_layers_setting_is_checked(tiny_config):
     assert RunConfig.from_dict({"checkpointed_layers": "4"}).checkpointed_layers == 4
     assert tiny_config(checkpointed_layers=0).validate().checkpointed_layers == 0
     for bad in ("some", -1, 2.5, True):
-        with pytest.raises(ConfigError, match="checkpointed_layers"):
+        with pytest.raises(ConfigError, match='checkpointed_layers.*"all" or a number'):
             tiny_config(checkpointed_layers=bad).validate()

@@ -169,10 +169,14 @@ def test_process_peak_is_the_resident_memory_plus_training_beyond_the_loaded_wei
     assert memory.resident_bytes() > 50 * 2**20, "this test's own process holds torch and more"
 
 
-def test_the_plan_decides_every_auto_from_config_shapes_and_device(llama, shapes_dirs):
+def test_the_plan_decides_every_auto_from_config_shapes_and_device(llama, shapes_dirs, monkeypatch):
     """lib.plan is the one place an "auto" is decided: on a GPU fused AdamW, checkpointing, 2-byte compute;
-    on a CPU plain AdamW, no checkpointing, no Liger; bloom (own attention) eager and unpacked; explicit
-    settings kept; varlen refused where the model cannot run it."""
+    on a CPU plain AdamW, no checkpointing, no Liger; bloom flex and packed on a GPU in bf16 with Triton,
+    else its own attention, eager and unpacked; explicit settings kept; varlen refused where the model
+    cannot run it; no layer recomputed is no checkpointing."""
+    from lib import plan as plan_module
+
+    monkeypatch.setattr(plan_module, "triton_available", lambda: True)
     config = RunConfig(base_model=shapes_dirs["llama-1b"], max_seq_length=1024, batch_size=8)
     gpu, cpu = decide(config, llama, on_gpu=True), decide(config, llama, on_gpu=False)
     assert (gpu.optimizer, gpu.checkpointing, gpu.precision, gpu.packed) == ("adamw_torch_fused", True, "bf16", True)
@@ -185,6 +189,12 @@ def test_the_plan_decides_every_auto_from_config_shapes_and_device(llama, shapes
     assert (flex_plan.attention, flex_plan.packed, flex_plan.attention_kernel) == ("flex", True, "flash")
     cpu_bloom = decide(config.replace(base_model=shapes_dirs["bloom-1b1"]), bloom, on_gpu=False)
     assert (cpu_bloom.attention, cpu_bloom.packed) == ("eager", False)
+    fp16_bloom = decide(config.replace(base_model=shapes_dirs["bloom-1b1"], precision="fp16"), bloom, on_gpu=True)
+    assert (fp16_bloom.attention, fp16_bloom.packed) == ("eager", False)  # its stream would stay fp32
+    monkeypatch.setattr(plan_module, "triton_available", lambda: False)
+    assert decide(config.replace(base_model=shapes_dirs["bloom-1b1"]), bloom, on_gpu=True).attention == "eager"
+    assert not decide(config.replace(checkpointed_layers=0), llama, on_gpu=True).checkpointing
+    assert decide(config.replace(checkpointed_layers=3), llama, on_gpu=True).checkpointing
     bloom_plan = decide(config.replace(base_model=shapes_dirs["bloom-1b1"], attention="eager"), bloom, on_gpu=True)
     assert (bloom_plan.attention, bloom_plan.packed) == ("eager", False)
     assert bloom.alibi_capable and not llama.alibi_capable
@@ -444,10 +454,18 @@ def test_checkpointing_the_first_layers_only_keeps_the_others_activations(llama,
                        target_modules="attention")
     plan = gpu_setup(config, llama, liger=True, checkpointing=True)
     H, K, I, d = llama.hidden_size, llama.kv_size, llama.intermediate_size, 2
-    per_layer = (4 * H + 2 * K + 2 * H + 3 * I) * d
+    per_layer = (4 * H + 2 * K + 2 * H + 2 * I) * d  # Liger's gate and up; down_proj has no LoRA here
     tokens = 16 * 1024
     every = memory.training_memory(llama, config, plan, 16)["activations"]
     for layers in (15, 10, 0):
         some = memory.training_memory(llama, config.replace(checkpointed_layers=layers), plan, 16)["activations"]
         assert some - every == pytest.approx(tokens * ((15 - layers) * per_layer - (16 - layers) * H * d))
     assert memory.training_memory(llama, config.replace(checkpointed_layers=99), plan, 16)["activations"] == every
+    all_linear = config.replace(target_modules="all-linear")  # a LoRA on down_proj keeps its input, I values
+    assert (memory.training_memory(llama, all_linear, plan, 16)["activations"]
+            - memory.training_memory(llama, config.replace(target_modules="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj"),
+                                     plan, 16)["activations"]) == pytest.approx(tokens * I * d)
+    eager = dataclasses.replace(plan, attention="eager", packed=False)  # scores kept by the layers not recomputed
+    scores = [memory.training_memory(llama, config.replace(checkpointed_layers=k), eager, 16)["attention scores"]
+              for k in ("all", 15, 12)]
+    assert scores[0] == scores[1] and scores[2] == pytest.approx(scores[0] * (4 + 2) / (1 + 2))

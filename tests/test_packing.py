@@ -5,6 +5,8 @@ boundaries in cu_seq_lens_q. The model must not attend across those boundaries, 
 project loads it with (sdpa, eager, or varlen, whose CPU path is SDPA with a block-diagonal mask).
 """
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -267,8 +269,12 @@ def test_bloom_flex_keeps_the_bf16_stream_and_bloom_s_gelu(tiny_bloom, examples)
     hidden = torch.randn(3, 7, norm.normalized_shape[0]) * 3 + 1
     reference = torch.nn.functional.layer_norm(hidden, norm.normalized_shape, norm.weight.float(),
                                                norm.bias.float(), norm.eps)
+    assert norm.forward.func is alibi._layer_norm
+    bloom_calls = []
+    bloom_forward = norm.forward.args[1]
+    norm.forward = functools.partial(alibi._layer_norm, norm, lambda h: bloom_calls.append(h) or bloom_forward(h))
     got = norm(hidden.bfloat16())
-    assert got.dtype == torch.bfloat16
+    assert got.dtype == torch.bfloat16 and bloom_calls == []  # not bloom's own (under CUDA's autocast: fp32)
     torch.testing.assert_close(got.float(), reference, rtol=2e-2, atol=2e-2)
     fp32_norm = models.load_base_model(tiny_bloom, load_in_4bit=False, attention="flex",
                                        precision="fp32").transformer.h[0].input_layernorm

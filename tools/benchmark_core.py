@@ -102,13 +102,15 @@ CONFIGS = {
                                              checkpointed_layers=layers, liger_kernel="on", lora_dropout=0.0)
        for batch in (8, 16, 32) for layers in (8, 10, 11, 12, 13, 14, 15)},
     "b8-nockpt-nodrop": fast(8, attention="varlen", liger_kernel="on", lora_dropout=0.0),
-    # bloom: ALiBi attention is eager only and cannot keep packed examples apart (packing turns itself off)
-    "b4": fast(4),
-    "b8-ckpt": fast(8, gradient_checkpointing=True),
-    "b8-ckpt-liger": fast(8, gradient_checkpointing=True, liger_kernel="on"),
-    "b16-ckpt": fast(16, gradient_checkpointing=True),
-    "b32-ckpt": fast(32, gradient_checkpointing=True),
+    # bloom with its own (eager) attention, which cannot keep packed examples apart (packing turns itself off)
+    "b4": fast(4, attention="eager"),
+    "b8-ckpt": fast(8, gradient_checkpointing=True, attention="eager"),
+    "b8-ckpt-liger": fast(8, gradient_checkpointing=True, liger_kernel="on", attention="eager"),
+    "b16-ckpt": fast(16, gradient_checkpointing=True, attention="eager"),
+    "b32-ckpt": fast(32, gradient_checkpointing=True, attention="eager"),
+    "default-eager": {"attention": "eager"},  # bloom's shipped defaults before they chose flex (runs F, G, P)
     # bloom with lib/alibi.py's flex attention: packed rows, examples kept apart, no score matrices on CUDA
+    # (what "default" chooses for bloom on CUDA in bf16 since run C31)
     "default-flex": {"attention": "flex"},
     "micro1": {"batch_size": 4, "micro_batch_size": 1},  # DDP against FSDP at the same micro-batch
     "default-nofused": {"fused_lora": "off"},  # the defaults with PEFT's own LoRA forward (lib/fused_lora.py off)
