@@ -71,6 +71,23 @@ def test_report_table_and_chart(rows, tmp_path):
     assert (tmp_path / "chart.png").stat().st_size > 1000
 
 
+def test_chart_draws_repeated_rounds_as_one_bar_at_their_median(tmp_path):
+    """--repeats rows: one bar a configuration at the median of its rounds, a line from the slowest to the
+    fastest, one panel per architecture and sequence length."""
+    base = dict(arch="llama-1b", seq_len=1024, card="H200", engine="project", gpus=1, peak_mem_gib=3.0)
+    rows = [dict(base, config="default", tokens_per_s=speed) for speed in (50000, 60000, 52000)]
+    rows += [dict(base, config="unsloth-b32", engine="unsloth", tokens_per_s=55000, peak_mem_gib=5.5),
+             dict(base, seq_len=4096, config="default", tokens_per_s=40000)]
+    figure = benchmark.chart(rows, tmp_path / "chart.png")
+    first, second = figure.axes
+    assert [round(bar.get_width(), 3) for bar in first.patches] == [52.0, 55.0]
+    assert [round(bar.get_width(), 3) for bar in second.patches] == [40.0]
+    (line,) = first.lines
+    assert list(line.get_xdata()) == [50.0, 60.0] and not second.lines
+    assert [text.get_text() for text in first.texts] == ["3.0 GiB, 3 rounds", "5.5 GiB"]
+    assert "seq 4096" in second.get_title()
+
+
 def test_model_flops_count_frozen_forward_and_input_gradients_plus_lora_and_attention():
     # 4 N + 6 N_lora + 6 L s d
     assert benchmark.model_flops_per_token(matmul=1000, lora=10, layers=2, hidden=8, seq_len=16) == 4000 + 60 + 1536

@@ -580,28 +580,50 @@ def _table_line(row: dict, seed: dict | None) -> str:
 
 
 def chart(rows: list[dict], path: str | Path):
-    """Tokens/s per configuration (bars), peak memory written on each bar, one panel per architecture."""
+    """Tokens/s per configuration (bars), one panel per architecture and sequence length. Repeated rows of a
+    configuration (--repeats) make one bar: their median, with a line from the slowest to the fastest round;
+    the label gives the peak memory (and the rounds)."""
+    import statistics
+
     from matplotlib.figure import Figure
 
-    archs = list(dict.fromkeys(row["arch"] for row in rows))
-    figure = Figure(figsize=(7.5, 2.2 + 1.8 * len(archs) + 0.22 * len(rows)), dpi=110)
-    heights = [sum(1 for row in rows if row["arch"] == arch) for arch in archs]
-    axes_list = figure.subplots(len(archs), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
-    for axes, arch in zip(axes_list, archs):
-        group = [row for row in rows if row["arch"] == arch and row.get("tokens_per_s")]
+    measured = [row for row in rows if row.get("tokens_per_s")]
+    panels = list(dict.fromkeys((row["arch"], row["seq_len"]) for row in measured))
+    groups = {}  # (arch, seq) -> {bar name: its rows}, in the rows' order
+    for row in measured:
+        first = next(r for r in measured if (r["arch"], r["seq_len"]) == (row["arch"], row["seq_len"]))
         # rows of other cards or GPU counts share a panel: their bars say so (repeated names would overlap)
-        names = [row["config"] + (f" x{row['gpus']} GPUs" if row.get("gpus", 1) > 1 else "")
-                 + (f" ({row['card']})" if row["card"] != group[0]["card"] else "") for row in group]
-        speeds = [row["tokens_per_s"] / 1000 for row in group]
-        colours = ["tab:orange" if row["engine"] == "unsloth" else "tab:grey" if row["config"] == "seed"
-                   else "tab:green" if row["config"] == "default" else "tab:blue" for row in group]
-        bars = axes.barh(names, speeds, color=colours)
-        axes.bar_label(bars, labels=[f"{row['peak_mem_gib']:.1f} GiB" for row in group], fontsize=7, padding=2)
+        name = (row["config"] + (f" x{row['gpus']} GPUs" if row.get("gpus", 1) > 1 else "")
+                + (f" ({row['card']})" if row["card"] != first["card"] else ""))
+        groups.setdefault((row["arch"], row["seq_len"]), {}).setdefault(name, []).append(row)
+    bars_total = sum(len(group) for group in groups.values())
+    figure = Figure(figsize=(7.5, 2.2 + 1.8 * max(len(panels), 1) + 0.22 * bars_total), dpi=110)
+    heights = [len(groups[panel]) for panel in panels] or [1]
+    axes_list = figure.subplots(max(len(panels), 1), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
+    for axes, panel in zip(axes_list, panels):
+        group = groups[panel]
+        names = list(group)
+        speeds = [[row["tokens_per_s"] / 1000 for row in group[name]] for name in names]
+        medians = [statistics.median(values) for values in speeds]
+        colours = ["tab:orange" if group[name][0]["engine"] == "unsloth" else "tab:grey"
+                   if group[name][0]["config"] == "seed" else "tab:green" if group[name][0]["config"] == "default"
+                   else "tab:blue" for name in names]
+        axes.barh(names, medians, color=colours, height=0.6)
+        for index, values in enumerate(speeds):
+            if len(values) > 1:
+                axes.plot([min(values), max(values)], [index, index], color="black", linewidth=1.2)
+        labels = [f"{max(row['peak_mem_gib'] for row in group[name]):.1f} GiB"
+                  + (f", {len(group[name])} rounds" if len(group[name]) > 1 else "") for name in names]
+        right = max((max(values) for values in speeds), default=1)
+        for index, (values, label) in enumerate(zip(speeds, labels)):  # past the bar and its line
+            axes.text(max(values) + right * 0.015, index, label, va="center", fontsize=7)
         axes.invert_yaxis()
-        axes.set_title(f"{arch}, seq {group[0]['seq_len']}, {group[0]['card']}" if group else arch, fontsize=9)
-        axes.set_xlabel("thousand tokens / s (label: peak GPU memory)", fontsize=8)
+        card = group[names[0]][0]["card"]
+        axes.set_title(f"{panel[0]}, seq {panel[1]}, {card}", fontsize=9)
+        axes.set_xlabel("thousand tokens / s (median of rounds, line: slowest to fastest; label: peak GPU memory)",
+                        fontsize=8)
         axes.tick_params(labelsize=7)
-        axes.set_xlim(0, max(speeds, default=1) * 1.25)
+        axes.set_xlim(0, right * 1.3)
         axes.grid(axis="x", alpha=0.3)
     figure.tight_layout()
     figure.savefig(path)
