@@ -27,7 +27,8 @@ ATTENTIONS = ("auto", "varlen", "sdpa", "eager", "flex")
 OPTIMIZERS = ("auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit")
 SWITCHES = ("auto", "on", "off")
 DISTRIBUTED = ("auto", "ddp", "fsdp")
-AUTO_OR_NUMBER = ("micro_batch_size", "memory_budget_gib", "cpu_threads", "checkpointed_layers")  # "auto" or a number, which text may spell ("4")
+# "auto" (checkpointed_layers: "all") or a number, which text may spell ("4")
+AUTO_OR_NUMBER = ("micro_batch_size", "memory_budget_gib", "cpu_threads", "checkpointed_layers")
 NAME_MAX_BYTES = 255  # longest file or folder name, in bytes, on common file systems (ext4, xfs, APFS)
 
 

@@ -386,7 +386,6 @@ class CheckpointFirstLayers(TrainerCallback):
 
     def __init__(self, count: int):
         self.count = count
-        self.layers = 0  # decoder layers found; how many recompute is min(count, layers)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         from transformers.modeling_layers import GradientCheckpointingLayer
@@ -394,7 +393,6 @@ class CheckpointFirstLayers(TrainerCallback):
         layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
         for index, layer in enumerate(layers):
             layer.gradient_checkpointing = layer.gradient_checkpointing and index < self.count
-        self.layers = len(layers)
 
 
 class ReleaseFreedMemory(TrainerCallback):

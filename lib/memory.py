@@ -238,7 +238,7 @@ def training_memory(shapes: ModelShapes, config, plan, micro_batch: int | None =
     if plan.checkpointing:
         stream = 4 if (fp32_stream(shapes, plan) if stream_fp32 is None else stream_fp32) else d  # layer inputs
         # a layer that keeps its activations holds what a recomputed one holds in backward (measured: 16 of 16
-        # layers of llama-1b recomputed at 32 sequences 6.06 GiB, 15 of 16 5.93 GiB; docs/BENCHMARKS.md run B30)
+        # layers of llama-1b recomputed at 32 sequences 6.06 GiB, 15 of 16 5.93 GiB; docs/BENCHMARKS.md runs A29, B30)
         activations = tokens * (recomputed * H * stream + max(L - recomputed, 1) * per_layer + (I + 2 * H) * d)
     else:
         activations = tokens * L * per_layer

@@ -99,10 +99,11 @@ def decide(config, shapes, on_gpu: bool | None = None, longest_example: int | No
     import torch
 
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
-    attention = decide_attention(config.attention, shapes, on_gpu, resolve_precision(config.precision, on_gpu))
+    precision = resolve_precision(config.precision, on_gpu)
+    attention = decide_attention(config.attention, shapes, on_gpu, precision)
     plan = Plan(
         on_gpu=on_gpu,
-        precision=resolve_precision(config.precision, on_gpu),
+        precision=precision,
         attention=attention,
         optimizer=config.optimizer if config.optimizer != "auto" else
         ("adamw_torch_fused" if on_gpu else "adamw_torch"),

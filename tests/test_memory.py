@@ -448,8 +448,8 @@ def test_the_sharded_8b_plan_matches_the_measured_peaks_of_run_w(tmp_path, outsi
 
 def test_checkpointing_the_first_layers_only_keeps_the_others_activations(llama, shapes_dirs):
     """checkpointed_layers=k: k layers keep their input, the other L - k their whole activations a; the
-    first such layer costs what the layer recomputed in backward would (run B30: 15 of 16 recomputed at 32
-    sequences 5.93 GiB, 16 of 16 6.06 GiB)."""
+    first such layer costs what the layer recomputed in backward would (15 of 16 recomputed at 32 sequences
+    5.93 GiB in run B30, 16 of 16 6.06 GiB in run A29)."""
     config = RunConfig(base_model=shapes_dirs["llama-1b"], max_seq_length=1024, batch_size=16, lora_dropout=0.0,
                        target_modules="attention")
     plan = gpu_setup(config, llama, liger=True, checkpointing=True)
