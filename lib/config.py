@@ -95,8 +95,10 @@ class RunConfig:
                                           # | flex (bloom: ALiBi with packed examples kept apart, lib/alibi.py)
     optimizer: str = "auto"               # auto (fused AdamW on GPU, AdamW on CPU) or one of OPTIMIZERS
     liger_kernel: str = "auto"            # auto (on with CUDA + liger-kernel) | on | off: fused norm/RoPE/SwiGLU
-    fused_lora: str = "auto"              # auto (on a GPU, 4-bit weights) | on | off: LoRA on a 4-bit layer as one
-                                          # autograd step (lib/fused_lora.py); off is PEFT's own forward
+    fused_lora: str = "auto"              # auto (on a GPU, 4-bit weights) | on | off | layers: LoRA on a 4-bit
+                                          # layer as one autograd step, a SwiGLU MLP's three as one where none
+                                          # has dropout (lib/fused_lora.py); layers: no MLP step; off: PEFT's
+                                          # own forward
     max_grad_norm: float = 0.3            # gradient clipping, as in the QLoRA paper
     distributed: str = "auto"             # several processes: ddp (each holds the whole model) | fsdp (weights sharded
                                           # over them) | auto (fsdp on GPUs when the model does not fit one whole)
@@ -212,7 +214,7 @@ class RunConfig:
         _check_choice("attention", self.attention, ATTENTIONS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("liger_kernel", self.liger_kernel, SWITCHES)
-        _check_choice("fused_lora", self.fused_lora, SWITCHES)
+        _check_choice("fused_lora", self.fused_lora, SWITCHES + ("layers",))
         _check_choice("tracking", self.tracking, SWITCHES)
         _check_choice("distributed", self.distributed, DISTRIBUTED)
         _check_targets(self.target_modules)

@@ -178,7 +178,7 @@ class FineTuner:
         if self.plan.fused_lora:
             from lib import fused_lora
 
-            fused_lora.install(trainer.model)
+            fused_lora.install(trainer.model, mlps=self.config.fused_lora != "layers")
         if trainer.args.fp16:  # fp16 loss scaling unscales fp32 gradients only; TRL casts 4-bit adapters to bf16
             for parameter in trainer.model.parameters():
                 if parameter.requires_grad:
@@ -331,6 +331,7 @@ class FineTuner:
             "estimated_peak_gib": self._estimated_peak_gib(),  # what peak_memory_gib was expected to read
             "plan": self.plan.to_dict(),  # every "auto" as decided (lib.plan), with the micro-batch
             "fused_lora_layers": self._fused_lora_layers(),
+            "fused_mlps": self._fused_lora_layers(mlps=True),  # MLPs that took lib.fused_lora's MLP step
             # FSDP: the embedding and the head kept sharded (lib.sharded_vocab)
             "sharded_vocab": getattr(self.trainer, "sharded_vocab", False),
             "world_size": self.trainer.accelerator.num_processes,
@@ -339,13 +340,14 @@ class FineTuner:
             "versions": library_versions(),
         }
 
-    def _fused_lora_layers(self) -> int:
-        """LoRA layers that trained with the fused step (lib.fused_lora): 0 where the plan left it off."""
+    def _fused_lora_layers(self, mlps: bool = False) -> int:
+        """LoRA layers (or with `mlps`, MLPs) that trained with the fused step (lib.fused_lora): 0 where the plan
+        left it off."""
         if not self.plan.fused_lora:
             return 0
         from lib import fused_lora
 
-        return fused_lora.served(self.trainer.model)
+        return (fused_lora.mlps_served if mlps else fused_lora.served)(self.trainer.model)
 
     def _estimated_peak_gib(self) -> float | None:
         """The estimate of this process's peak_memory_gib: on a GPU the training estimate (allocated tensors);

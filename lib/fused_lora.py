@@ -28,9 +28,10 @@ import functools
 import torch
 
 
-def install(model) -> int:
-    """Give every PEFT LoRA layer on a bitsandbytes 4-bit layer the fused training step; returns how many.
-    Calling it again changes nothing."""
+def install(model, mlps: bool = True) -> int:
+    """Give every PEFT LoRA layer on a bitsandbytes 4-bit layer the fused training step, and with `mlps` every
+    SwiGLU MLP of three such layers the fused MLP step; returns how many layers. Calling it again changes
+    nothing."""
     global _PARAMS4BIT, _DEQUANTIZE
     try:
         import bitsandbytes
@@ -44,23 +45,53 @@ def install(model) -> int:
             module._peft_forward = module.forward
             module.forward = functools.partial(_forward, module)
             patched += 1
+    for module in model.modules() if mlps else ():
+        if mlp_suits(module) and all(isinstance(getattr(module, name), Linear4bit) for name in MLP_PROJECTIONS) \
+                and not hasattr(module, "_peft_forward"):
+            module._peft_forward = module.forward
+            module.forward = functools.partial(_mlp_forward, module)
     return patched
+
+
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def mlp_suits(module) -> bool:
+    """Whether `module` is a SwiGLU MLP, down(silu(gate(x)) * up(x)) (Llama's, Mistral's, Qwen's; Liger's
+    LigerSwiGLUMLP), that the fused MLP step can run when its three projections are LoRA 4-bit layers."""
+    if not all(hasattr(module, name) for name in MLP_PROJECTIONS):
+        return False
+    if type(module).__name__ == "LigerSwiGLUMLP":
+        return True
+    return type(module).__name__ in SWIGLU_CLASSES \
+        and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
+
+
+# transformers' MLPs whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)) (read in transformers 5.x)
+SWIGLU_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
 
 
 def served(model) -> int:
     """How many layers of `model` the fused step has served at least once (the rest ran PEFT's forward)."""
-    return sum(1 for module in model.modules() if getattr(module, "_fused_served", False))
+    return sum(1 for module in model.modules()
+               if getattr(module, "_fused_served", False) and not hasattr(module, "gate_proj"))
+
+
+def mlps_served(model) -> int:
+    """How many MLPs of `model` the fused MLP step has served at least once."""
+    return sum(1 for module in model.modules()
+               if getattr(module, "_fused_served", False) and hasattr(module, "gate_proj"))
 
 
 def uninstall(model) -> int:
-    """Give the layers back PEFT's forward; returns how many."""
+    """Give the layers (and MLPs) back PEFT's forward; returns how many layers."""
     restored = 0
     for module in model.modules():
         if hasattr(module, "_peft_forward"):
             del module.forward  # the instance attribute: the class's forward shows again
             del module._peft_forward
             module.__dict__.pop("_fused_served", None)
-            restored += 1
+            restored += not hasattr(module, "gate_proj")
     return restored
 
 
@@ -92,14 +123,9 @@ def _adapter(layer):
     return name
 
 
-def _forward(layer, x, *args, **kwargs):
-    """The patched forward of one LoRA layer: the fused step for a training pass it can serve, else PEFT's."""
-    if args or kwargs or not torch.is_grad_enabled() \
-            or (x.is_cuda and x.numel() <= CUSTOM_KERNEL_TOKENS * x.shape[-1]):
-        return layer._peft_forward(x, *args, **kwargs)
-    name = _adapter(layer)
-    if name is None:
-        return layer._peft_forward(x, *args, **kwargs)
+def _compute_dtype(layer, name, x):
+    """The dtype the fused step multiplies in, or None where PEFT would run the adapter in another dtype than
+    the 4-bit product."""
     base = layer.get_base_layer()
     if not base.compute_type_is_set:  # as bitsandbytes' own forward: the compute dtype from the first input
         base.set_compute_type(x)
@@ -107,8 +133,23 @@ def _forward(layer, x, *args, **kwargs):
     dtype = base.compute_dtype or x.dtype
     adapter_dtype = (torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type)
                      else layer.lora_A[name].weight.dtype)
-    if adapter_dtype != dtype:  # PEFT would run the adapter in another dtype than the 4-bit product
-        return layer._peft_forward(x)
+    return dtype if adapter_dtype == dtype else None
+
+
+def _small_pass(x) -> bool:
+    """Not a training pass, or one bitsandbytes multiplies with its own 4-bit kernel: PEFT's path serves it."""
+    return not torch.is_grad_enabled() or (x.is_cuda and x.numel() <= CUSTOM_KERNEL_TOKENS * x.shape[-1])
+
+
+def _forward(layer, x, *args, **kwargs):
+    """The patched forward of one LoRA layer: the fused step for a training pass it can serve, else PEFT's."""
+    if args or kwargs or _small_pass(x):
+        return layer._peft_forward(x, *args, **kwargs)
+    name = _adapter(layer)
+    dtype = name and _compute_dtype(layer, name, x)
+    if dtype is None:
+        return layer._peft_forward(x, *args, **kwargs)
+    base = layer.get_base_layer()
     lora_x = layer.lora_dropout[name](x)  # Identity hands back x itself
     shape = x.shape
     flat = x.reshape(-1, shape[-1]).to(dtype)
@@ -119,8 +160,60 @@ def _forward(layer, x, *args, **kwargs):
     return out.reshape(*shape[:-1], out.shape[-1]).to(x.dtype)
 
 
+def _mlp_forward(mlp, x):
+    """The patched forward of a SwiGLU MLP whose three projections are LoRA 4-bit layers: the fused MLP step
+    where every projection can take the fused step without dropout or bias, in one dtype; else the MLP's own
+    forward (whose projections may still take the fused step one by one)."""
+    layers = [getattr(mlp, name) for name in MLP_PROJECTIONS]
+    if _small_pass(x):
+        return mlp._peft_forward(x)
+    names = [_adapter(layer) for layer in layers]
+    if any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers) or any(name is None or not isinstance(layer.lora_dropout[name], torch.nn.Identity)
+           or layer.get_base_layer().bias is not None for layer, name in zip(layers, names)):
+        return mlp._peft_forward(x)
+    dtypes = {_compute_dtype(layer, name, x) for layer, name in zip(layers, names)}
+    if len(dtypes) != 1 or None in dtypes:
+        return mlp._peft_forward(x)
+    dtype = dtypes.pop()
+    tensors = []
+    for layer, name in zip(layers, names):
+        tensors += [layer.get_base_layer().weight, layer.lora_A[name].weight, layer.lora_B[name].weight]
+    scalings = tuple(float(layer.scaling[name]) for layer, name in zip(layers, names))
+    shape = x.shape
+    out = _LoRAMLP4bit.apply(x.reshape(-1, shape[-1]).to(dtype), scalings, *tensors)
+    for module in (mlp, *layers):
+        module._fused_served = True
+    return out.reshape(*shape[:-1], out.shape[-1]).to(x.dtype)
+
+
 def _dequantized(weight, dtype):
     return _DEQUANTIZE(weight.data, weight.quant_state).to(dtype)
+
+
+def _product(x, x_lora, weight, bias, lora_a, lora_b, scaling):
+    """x W^T + bias + scaling (x_lora A^T) B^T in x's dtype; returns it and scaling x_lora A^T (tokens, r),
+    which the adapter's gradients need."""
+    dtype = x.dtype
+    out = torch.nn.functional.linear(x, _dequantized(weight, dtype), None if bias is None else bias.to(dtype))
+    xa = torch.mm(x_lora, lora_a.to(dtype).t()).mul_(scaling)  # scaled once here
+    out.addmm_(xa, lora_b.to(dtype).t())
+    return out, xa
+
+
+def _product_backward(grad, x_lora, xa, weight, lora_a, lora_b, scaling, needs, grad_x=None, same=True):
+    """The gradients of `_product` for `grad` (tokens, out): the input's (added to `grad_x` where given; with
+    `same`, x_lora's share included, as x feeds both products), A's and B's; `needs` = (input, A, B)."""
+    dtype = x_lora.dtype
+    a, b = lora_a.to(dtype), lora_b.to(dtype)
+    grad_b = torch.mm(grad.t(), xa).to(lora_b.dtype) if needs[2] else None
+    grad_xa = torch.mm(grad, b)  # (tokens, r), unscaled
+    grad_a = torch.mm(grad_xa.t(), x_lora).mul_(scaling).to(lora_a.dtype) if needs[1] else None
+    if needs[0]:
+        weight = _dequantized(weight, dtype)
+        grad_x = torch.mm(grad, weight) if grad_x is None else grad_x.addmm_(grad, weight)
+        if same:
+            grad_x.addmm_(grad_xa, a, alpha=scaling)
+    return grad_x, grad_a, grad_b, grad_xa
 
 
 class _LoRA4bit(torch.autograd.Function):
@@ -129,12 +222,8 @@ class _LoRA4bit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_lora, weight, bias, lora_a, lora_b, scaling):
-        dtype = x.dtype
         with torch.autocast(x.device.type, enabled=False):
-            a, b = lora_a.to(dtype), lora_b.to(dtype)
-            out = torch.nn.functional.linear(x, _dequantized(weight, dtype), None if bias is None else bias.to(dtype))
-            xa = torch.mm(x_lora, a.t()).mul_(scaling)  # (tokens, r), scaled once here
-            out.addmm_(xa, b.t())
+            out, xa = _product(x, x_lora, weight, bias, lora_a, lora_b, scaling)
         ctx.same = x_lora is x
         ctx.scaling = scaling
         ctx.weight = weight  # the 4-bit parameter itself (its quantization state rides on it)
@@ -144,21 +233,82 @@ class _LoRA4bit(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x_lora, xa, lora_a, lora_b = ctx.saved_tensors
-        weight = ctx.weight
-        dtype = x_lora.dtype
-        needs_x, needs_x_lora = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        needs = ctx.needs_input_grad
         with torch.autocast(grad.device.type, enabled=False):
-            grad = grad.to(dtype)
-            a, b = lora_a.to(dtype), lora_b.to(dtype)
-            grad_b = torch.mm(grad.t(), xa).to(lora_b.dtype) if ctx.needs_input_grad[5] else None
-            grad_xa = torch.mm(grad, b)  # (tokens, r), unscaled
-            grad_a = torch.mm(grad_xa.t(), x_lora).mul_(ctx.scaling).to(lora_a.dtype) \
-                if ctx.needs_input_grad[4] else None
-            grad_x = grad_x_lora = None
-            if needs_x:
-                grad_x = torch.mm(grad, _dequantized(weight, dtype))
-                if ctx.same:  # x feeds both products: one gradient
-                    grad_x.addmm_(grad_xa, a, alpha=ctx.scaling)
-            if needs_x_lora and not ctx.same:
-                grad_x_lora = torch.mm(grad_xa, a).mul_(ctx.scaling)
+            grad_x, grad_a, grad_b, grad_xa = _product_backward(
+                grad.to(x_lora.dtype), x_lora, xa, ctx.weight, lora_a, lora_b, ctx.scaling,
+                (needs[0], needs[4], needs[5]), same=ctx.same)
+            grad_x_lora = None
+            if needs[1] and not ctx.same:
+                grad_x_lora = torch.mm(grad_xa, lora_a.to(x_lora.dtype)).mul_(ctx.scaling)
         return grad_x, grad_x_lora, None, None, grad_a, grad_b, None
+
+
+def _silu_mul(gate, up):
+    """silu(gate) * up: Liger's fused kernel on CUDA where installed (one pass), else PyTorch's."""
+    if gate.is_cuda and _liger_swiglu() is not None:
+        return _liger_swiglu()[0](gate, up)[2]
+    return torch.nn.functional.silu(gate).mul_(up)
+
+
+def _silu_mul_backward(gate, up, grad):
+    """The gradients of silu(gate) * up for `grad`: (gate's, up's). Overwrites gate and up (Liger's kernel
+    writes the gradients in their place; the fallback computes in fp32)."""
+    if gate.is_cuda and _liger_swiglu() is not None:
+        return _liger_swiglu()[1](gate, up, grad)
+    g, sigmoid = gate.float(), torch.sigmoid(gate.float())
+    silu = g * sigmoid
+    grad_gate = grad.float() * up.float() * sigmoid * (1 + g * (1 - sigmoid))
+    return grad_gate.to(gate.dtype), (grad.float() * silu).to(up.dtype)
+
+
+@functools.cache
+def _liger_swiglu():
+    """Liger's SwiGLU forward and backward kernels, or None where liger-kernel is not installed."""
+    try:
+        from liger_kernel.ops.swiglu import swiglu_backward, swiglu_forward
+    except ImportError:
+        return None
+    return swiglu_forward, swiglu_backward
+
+
+class _LoRAMLP4bit(torch.autograd.Function):
+    """down(silu(gate(x)) * up(x)) for three LoRA 4-bit layers without bias or dropout, x (tokens, hidden) in
+    the compute dtype. Keeps x, gate's and up's outputs for backward, not their product (the down
+    projection's input, recomputed there): one inner-width tensor a token fewer than the layers one by one."""
+
+    @staticmethod
+    def forward(ctx, x, scalings, *tensors):
+        gate_w, gate_a, gate_b, up_w, up_a, up_b, down_w, down_a, down_b = tensors
+        with torch.autocast(x.device.type, enabled=False):
+            gate, xa_gate = _product(x, x, gate_w, None, gate_a, gate_b, scalings[0])
+            up, xa_up = _product(x, x, up_w, None, up_a, up_b, scalings[1])
+            hidden = _silu_mul(gate, up)
+            out, xa_down = _product(hidden, hidden, down_w, None, down_a, down_b, scalings[2])
+        ctx.scalings = scalings
+        ctx.weights = (gate_w, up_w, down_w)
+        ctx.save_for_backward(x, gate, up, xa_gate, xa_up, xa_down, gate_a, gate_b, up_a, up_b, down_a, down_b)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, gate, up, xa_gate, xa_up, xa_down, gate_a, gate_b, up_a, up_b, down_a, down_b = ctx.saved_tensors
+        gate_w, up_w, down_w = ctx.weights
+        s_gate, s_up, s_down = ctx.scalings
+        needs = ctx.needs_input_grad  # x, scalings, then the nine tensors
+        with torch.autocast(grad.device.type, enabled=False):
+            grad = grad.to(x.dtype)
+            hidden = _silu_mul(gate, up)  # the down projection's input, recomputed
+            _, grad_down_a, grad_down_b, grad_xa = _product_backward(
+                grad, hidden, xa_down, down_w, down_a, down_b, s_down, (False, needs[9], needs[10]))
+            del hidden
+            grad_hidden = torch.mm(grad, _dequantized(down_w, x.dtype))
+            grad_hidden.addmm_(grad_xa, down_a.to(x.dtype), alpha=s_down)
+            grad_gate, grad_up = _silu_mul_backward(gate, up, grad_hidden)
+            del grad_hidden
+            grad_x, grad_gate_a, grad_gate_b, _ = _product_backward(
+                grad_gate, x, xa_gate, gate_w, gate_a, gate_b, s_gate, (needs[0], needs[3], needs[4]))
+            grad_x, grad_up_a, grad_up_b, _ = _product_backward(
+                grad_up, x, xa_up, up_w, up_a, up_b, s_up, (needs[0], needs[6], needs[7]), grad_x=grad_x)
+        return (grad_x, None, None, grad_gate_a, grad_gate_b, None, grad_up_a, grad_up_b,
+                None, grad_down_a, grad_down_b)

@@ -36,6 +36,9 @@ weights (embeddings, norms); P_l the LoRA weights:
                              + 2I     gated MLP with Liger (gate, up); 3I without (and SiLU(gate)); I ungated
                              + I      where a LoRA targets the MLP's down projection: its input (bitsandbytes'
                                       frozen 4-bit product keeps none))
+                                      lib.fused_lora's MLP step (fused LoRA, no dropout, LoRA on gate, up and
+                                      down of a SwiGLU MLP) keeps 2I: gate and up, not the down projection's
+                                      input (recomputed in backward)
                             * d
                             + (d + 1) * in_features of every targeted layer   (LoRA dropout's output and mask)
                       without gradient checkpointing: T * L * a
@@ -113,6 +116,7 @@ class ModelShapes:
     fp32_stream: bool = False                 # a LayerNorm on the embeddings (bloom): autocast runs it in fp32,
                                               # so the residual stream starts, and stays, fp32 in bf16/fp16 training
     shardable_vocab: bool = False             # untied embedding and head lib.sharded_vocab can keep sharded
+    swiglu_mlp: bool = False                  # an MLP lib.fused_lora's fused MLP step can run (Llama's SwiGLU)
 
     @property
     def linear_paths(self) -> list[str]:
@@ -139,7 +143,7 @@ def read_shapes(model_path: str) -> ModelShapes:
     """The shapes of the model at `model_path`, read from a meta-device copy (no weights loaded)."""
     import torch
 
-    from lib import alibi, sharded_vocab
+    from lib import alibi, fused_lora, sharded_vocab
     from lib.attention import keeps_packed_examples_apart, suits
 
     model = empty_model(model_path)
@@ -167,6 +171,7 @@ def read_shapes(model_path: str) -> ModelShapes:
         fp32_stream=any(isinstance(module, torch.nn.LayerNorm) and "embed" in name.lower()
                         for name, module in model.named_modules()),
         shardable_vocab=sharded_vocab.suits(model),
+        swiglu_mlp=any(fused_lora.mlp_suits(module) for module in model.modules()),
     )
 
 
@@ -204,11 +209,19 @@ def fp32_stream(shapes: ModelShapes, plan) -> bool:
     return shapes.fp32_stream and not (plan.attention == "flex" and plan.precision == "bf16")
 
 
+def fused_mlp(shapes: ModelShapes, config, plan) -> bool:
+    """Whether lib.fused_lora's fused MLP step serves the MLPs: fused LoRA on, no dropout, a SwiGLU MLP whose
+    three projections all carry a LoRA. It keeps gate's and up's outputs, not the down projection's input."""
+    projections = {"gate_proj", "up_proj", "down_proj"}
+    return bool(plan.fused_lora and config.fused_lora != "layers" and config.lora_dropout == 0 and shapes.swiglu_mlp
+                and projections <= set(shapes.resolve(config.target_module_list())))
+
+
 def training_memory(shapes: ModelShapes, config, plan, micro_batch: int | None = None,
-                    stream_fp32: bool | None = None) -> dict[str, float]:
+                    stream_fp32: bool | None = None, mlp_step: bool | None = None) -> dict[str, float]:
     """The estimate of the module docstring, part by part, in bytes, for `micro_batch` sequences per pass
     (default: the config's micro_batch_size, or its batch_size when that is "auto"); `stream_fp32` overrides
-    `fp32_stream` (a measured row of older code)."""
+    `fp32_stream` and `mlp_step` `fused_mlp` (a measured row of older code)."""
     if micro_batch is None:
         micro_batch = config.batch_size if config.micro_batch_size == "auto" else config.micro_batch_size
     d, H, L, I, K = (plan.compute_bytes, shapes.hidden_size, shapes.num_layers, shapes.intermediate_size,
@@ -227,9 +240,13 @@ def training_memory(shapes: ModelShapes, config, plan, micro_batch: int | None =
     tokens = micro_batch * plan.row_length(config)
     # gated: gate and up (Liger recomputes their product), without Liger also SiLU(gate); ungated: the
     # activation's input. bitsandbytes' frozen 4-bit product keeps no input; a LoRA on the down projection does
-    mlp = ((2 if plan.liger else 3) if shapes.gated_mlp else 1) * I
-    if any(inp == I for _, _, inp in targeted):
-        mlp += I
+    # lib.fused_lora's MLP step keeps gate and up only
+    if fused_mlp(shapes, config, plan) if mlp_step is None else mlp_step:
+        mlp = 2 * I
+    else:
+        mlp = ((2 if plan.liger else 3) if shapes.gated_mlp else 1) * I
+        if any(inp == I for _, _, inp in targeted):
+            mlp += I
     norms = (2 if plan.liger else 4) * H
     per_layer = (4 * H + 2 * K + norms + mlp) * d
     if config.lora_dropout > 0:

@@ -18,7 +18,9 @@ the memory estimate (lib.memory) reads it too. Nothing else decides an "auto".
 |                            | checkpointed_layers=N recomputes only the first N layers (0: off)             |
 | liger_kernel               | on where its Triton kernels run (CUDA, liger-kernel installed)               |
 | fused_lora                 | on a GPU for 4-bit weights that are not sharded (lib/fused_lora.py); off on a |
-|                            | CPU, where it measured 4-17% slower (docs/task_speed_cpu.json)                |
+|                            | CPU, where it measured 4-17% slower (docs/task_speed_cpu.json); with it, a    |
+|                            | SwiGLU MLP whose three projections carry a LoRA without dropout runs as one   |
+|                            | step ("layers": each projection on its own)                                   |
 | packing (asked)            | kept only for models that read position_ids (packed examples stay apart), and |
 |                            | for bloom with attention="flex" (lib/alibi.py keeps them apart)               |
 | micro_batch_size           | the largest divisor of batch_size whose estimate fits memory_budget_gib       |
@@ -115,8 +117,8 @@ def decide(config, shapes, on_gpu: bool | None = None, longest_example: int | No
         longest_example=longest_example or None,
     )
     sharded = decide_sharding(plan, config, shapes)
-    fused = config.fused_lora == "on" or (config.fused_lora == "auto" and on_gpu and config.load_in_4bit
-                                           and not sharded)
+    fused = config.fused_lora in ("on", "layers") or (config.fused_lora == "auto" and on_gpu
+                                                      and config.load_in_4bit and not sharded)
     plan = dataclasses.replace(plan, sharded=sharded, fused_lora=fused)
     return fit_micro_batch(plan, config, shapes)
 

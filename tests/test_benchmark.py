@@ -97,7 +97,10 @@ def test_every_configuration_is_a_valid_run_config():
     for name in benchmark.CONFIGS:
         config = benchmark.settings("tiny-llama", name, "/tmp/model", 64, 3, "/tmp/out")
         config.validate()
-        assert (config.target_modules, config.lora_r, config.max_seq_length) == ("attention", 16, 64)
+        targets = "all-linear" if "-all-" in name else "attention"  # the MLP step's rows: every linear layer
+        assert (config.target_modules, config.lora_r, config.max_seq_length) == (targets, 16, 64)
+        if "-all-" in name:  # the MLP step against each projection's own fused step
+            assert config.fused_lora == ("layers" if name.endswith("-layers") else "auto")
     default = benchmark.settings("tiny-llama", "default", "/tmp/model", 64, 3, "/tmp/out")
     assert (default.batch_size, default.attention, default.precision) == (RunConfig().batch_size, "auto", "auto")
 

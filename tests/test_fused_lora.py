@@ -1,6 +1,7 @@
 """The fused LoRA step on 4-bit layers (lib/fused_lora.py) gives PEFT's outputs and gradients, on the real
 embedded model with bitsandbytes' NF4 weights, and leaves PEFT's path to everything it does not serve."""
 
+import functools
 from types import SimpleNamespace
 
 import pytest
@@ -42,6 +43,7 @@ def test_the_whole_model_gives_peft_loss_and_gradients(peft_model):
         assert fused_lora.served(peft_model) == 0
         loss, grads = loss_and_grads(peft_model, ids, ids)
         assert fused_lora.served(peft_model) == patched  # every layer took the fused step
+        assert fused_lora.mlps_served(peft_model) == 30  # gate, up and down through the MLP step
     finally:
         assert fused_lora.uninstall(peft_model) == patched
     assert fused_lora.served(peft_model) == 0
@@ -170,3 +172,133 @@ def test_the_run_record_counts_the_layers_the_fused_step_served(monkeypatch, tmp
         assert tuner.plan.fused_lora == (switch == "on")
         counts[switch] = tuner.train().record["fused_lora_layers"]
     assert counts == {"on": 30 * 4, "off": 0}
+
+
+def _inner_width_saves(mlp, x):
+    """The MLP's output for `x` and how many (tokens, inner width) tensors its forward keeps for backward."""
+    import torch
+
+    inner, tokens, saved = mlp.down_proj.in_features, x.shape[0] * x.shape[1], []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = mlp(x)
+    return out, sum(1 for numel in saved if numel == tokens * inner)
+
+
+def test_the_mlp_step_keeps_gate_and_up_but_not_their_product(peft_model):
+    """The MLP step's forward keeps two inner-width tensors a token (gate's and up's outputs); the layers one
+    by one keep the down projection's input besides (and PyTorch's SiLU its own); same output and gradients."""
+    import torch
+
+    peft_model.train()
+    mlp = peft_model.base_model.model.model.layers[2].mlp
+    assert fused_lora.mlp_suits(mlp)
+    x = torch.randn(2, 20, mlp.gate_proj.in_features, generator=torch.Generator().manual_seed(3))
+    runs = []
+    for fused in (False, True):
+        if fused:
+            fused_lora.install(mlp)
+        inputs = x.clone().requires_grad_(True)
+        out, kept = _inner_width_saves(mlp, inputs)
+        out.square().sum().backward()
+        grads = [p.grad.clone() for p in mlp.parameters() if p.requires_grad]
+        runs.append((kept, out.detach(), inputs.grad, grads))
+        mlp.zero_grad(set_to_none=True)
+    try:
+        assert fused_lora.mlps_served(mlp) == 1
+    finally:
+        fused_lora.uninstall(mlp)
+    (plain_kept, *plain), (fused_kept, *fused) = runs
+    assert plain_kept >= 3 and fused_kept == 2
+    assert len(fused[2]) == 6
+    for got, expected in zip([fused[0], fused[1], *fused[2]], [plain[0], plain[1], *plain[2]]):
+        assert ((got - expected).norm() / expected.norm()).item() < 1e-5  # summation order differs
+
+
+def test_the_mlp_step_leaves_mlps_with_dropout_or_hooks_to_the_layers(peft_model):
+    """Dropout on a projection's adapter input or a hook on a projection: the MLP runs its own forward, and
+    each projection still takes the fused step one by one."""
+    import torch
+
+    peft_model.train()
+    mlp = peft_model.base_model.model.model.layers[4].mlp
+    x = torch.randn(1, 6, mlp.gate_proj.in_features)
+    fused_lora.install(mlp)
+    try:
+        identity = mlp.down_proj.lora_dropout["default"]
+        mlp.down_proj.lora_dropout["default"] = torch.nn.Dropout(0.1)
+        try:
+            mlp(x)
+        finally:
+            mlp.down_proj.lora_dropout["default"] = identity
+        assert fused_lora.mlps_served(mlp) == 0 and fused_lora.served(mlp) == 3
+        handle = mlp.up_proj.register_forward_hook(lambda *args: None)
+        try:
+            mlp(x)
+        finally:
+            handle.remove()
+        assert fused_lora.mlps_served(mlp) == 0
+        mlp(x)
+        assert fused_lora.mlps_served(mlp) == 1
+    finally:
+        fused_lora.uninstall(mlp)
+
+
+def test_silu_product_gradients_of_the_fallback_match_autograd():
+    """The PyTorch fallback of the SwiGLU backward (used where Liger's kernel is not installed) against autograd."""
+    import torch
+
+    generator = torch.Generator().manual_seed(4)
+    gate, up, grad = (torch.randn(2, 64, generator=generator) for _ in range(3))
+    gate, up = gate.requires_grad_(True), up.requires_grad_(True)
+    (torch.nn.functional.silu(gate) * up).backward(grad)
+    assert torch.equal(fused_lora._silu_mul(gate.detach(), up.detach()),
+                       torch.nn.functional.silu(gate.detach()) * up.detach())
+    grad_gate, grad_up = fused_lora._silu_mul_backward(gate.detach().clone(), up.detach().clone(), grad)
+    assert torch.allclose(grad_gate, gate.grad, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(grad_up, up.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs CUDA, bitsandbytes' GPU kernels")
+def test_on_a_gpu_the_mlp_step_matches_the_layers_one_by_one(tmp_path):
+    """On CUDA in bf16 (Liger's SwiGLU kernels where installed) a small Llama's loss and adapter gradients with
+    the MLP step against the fused layers one by one; the MLP step keeps less memory."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.bfloat16, device_map={"": 0},
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_compute_dtype=torch.bfloat16))
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.02)
+    model.train()
+    ids = torch.randint(0, 512, (4, 1024), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    fused_lora.install(model)
+    runs = []
+    try:
+        for mlp_step in (False, True):
+            for layer in model.base_model.model.model.layers:
+                layer.mlp.forward = functools.partial(fused_lora._mlp_forward, layer.mlp) if mlp_step \
+                    else layer.mlp._peft_forward
+            torch.cuda.reset_peak_memory_stats()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+            runs.append((loss.item(), grads, torch.cuda.max_memory_allocated()))
+            model.zero_grad(set_to_none=True)
+        assert fused_lora.mlps_served(model) == 2
+    finally:
+        fused_lora.uninstall(model)
+    (loss0, grads0, peak0), (loss1, grads1, peak1) = runs
+    assert loss1 == pytest.approx(loss0, rel=1e-3)
+    for name, expected in grads0.items():
+        assert ((grads1[name] - expected).norm() / expected.norm()).item() < 2e-2, name
+    assert peak1 < peak0

@@ -44,6 +44,7 @@ def test_shapes_are_read_from_the_config_alone(llama, shapes_dirs):
     assert llama.flash_capable and llama.keeps_examples_apart
     bloom = memory.read_shapes(shapes_dirs["bloom-1b1"])
     assert (bloom.intermediate_size, bloom.gated_mlp, bloom.num_heads) == (6144, False, 16)
+    assert llama.swiglu_mlp and not bloom.swiglu_mlp  # lib.fused_lora's MLP step: Llama's SwiGLU, not bloom's GeLU
     assert not bloom.flash_capable and not bloom.keeps_examples_apart  # ALiBi: eager, no padding-free packing
 
 
@@ -462,9 +463,18 @@ def test_checkpointing_the_first_layers_only_keeps_the_others_activations(llama,
         assert some - every == pytest.approx(tokens * ((15 - layers) * per_layer - (16 - layers) * H * d))
     assert memory.training_memory(llama, config.replace(checkpointed_layers=99), plan, 16)["activations"] == every
     all_linear = config.replace(target_modules="all-linear")  # a LoRA on down_proj keeps its input, I values
-    assert (memory.training_memory(llama, all_linear, plan, 16)["activations"]
-            - memory.training_memory(llama, config.replace(target_modules="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj"),
-                                     plan, 16)["activations"]) == pytest.approx(tokens * I * d)
+    no_down = config.replace(target_modules="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj")
+    layer_by_layer = dataclasses.replace(plan, fused_lora=False)
+    assert (memory.training_memory(llama, all_linear, layer_by_layer, 16)["activations"]
+            - memory.training_memory(llama, no_down, layer_by_layer, 16)["activations"]) == pytest.approx(tokens * I * d)
+    # lib.fused_lora's MLP step (fused LoRA, no dropout, gate, up and down targeted) recomputes that input
+    assert plan.fused_lora and memory.fused_mlp(llama, all_linear, plan)
+    assert memory.training_memory(llama, all_linear, plan, 16)["activations"] \
+        == memory.training_memory(llama, no_down, plan, 16)["activations"]
+    assert not memory.fused_mlp(llama, all_linear.replace(lora_dropout=0.05), plan)
+    assert not memory.fused_mlp(llama, no_down, plan) and not memory.fused_mlp(llama, all_linear, layer_by_layer)
+    assert memory.training_memory(llama, all_linear, plan, 16, mlp_step=False)["activations"] \
+        == memory.training_memory(llama, all_linear, layer_by_layer, 16)["activations"]
     eager = dataclasses.replace(plan, attention="eager", packed=False)  # scores kept by the layers not recomputed
     scores = [memory.training_memory(llama, config.replace(checkpointed_layers=k), eager, 16)["attention scores"]
               for k in ("all", 15, 12)]

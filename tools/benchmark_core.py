@@ -100,8 +100,14 @@ CONFIGS = {
     # N of llama-1b's 16 layers (the others keep their activations), or none
     **{f"b{batch}-ckpt{layers}-nodrop": fast(batch, attention="varlen", gradient_checkpointing=True,
                                              checkpointed_layers=layers, liger_kernel="on", lora_dropout=0.0)
-       for batch in (8, 16, 32) for layers in (8, 10, 11, 12, 13, 14, 15)},
+       for batch in (8, 16, 32) for layers in (4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)},
     "b8-nockpt-nodrop": fast(8, attention="varlen", liger_kernel="on", lora_dropout=0.0),
+    # LoRA on every linear layer (the RunConfig default) without dropout: the MLP step (lib/fused_lora.py)
+    # against each projection's fused step on its own ("layers")
+    **{f"b{batch}-all-ckpt{layers}-nodrop{suffix}": fast(
+        batch, attention="varlen", gradient_checkpointing=True, checkpointed_layers=layers, liger_kernel="on",
+        lora_dropout=0.0, target_modules="all-linear", **({"fused_lora": "layers"} if suffix else {}))
+       for batch in (16, 32) for layers in (8, 12, 13, 16) for suffix in ("", "-layers")},
     # bloom with its own (eager) attention, which cannot keep packed examples apart (packing turns itself off)
     "b4": fast(4, attention="eager"),
     "b8-ckpt": fast(8, gradient_checkpointing=True, attention="eager"),
@@ -129,9 +135,10 @@ def settings(arch: str, config: str, model_dir: str, seq_len: int, max_steps: in
              logging_steps: int = 1) -> RunConfig:
     """The RunConfig of one benchmark configuration: same model, data and LoRA (r=16 on the attention
     projections) for every configuration; the configuration's overrides on top of RunConfig's defaults."""
-    return RunConfig(base_model=model_dir, target_modules="attention", lora_r=16, lora_alpha=32,
-                     max_seq_length=seq_len, max_steps=max_steps, logging_steps=logging_steps, save_steps=10**6,
-                     output_dir=output_dir, run_name=f"{arch}-{config}", overwrite=True, **CONFIGS[config])
+    return RunConfig(**{**dict(base_model=model_dir, target_modules="attention", lora_r=16, lora_alpha=32,
+                               max_seq_length=seq_len, max_steps=max_steps, logging_steps=logging_steps,
+                               save_steps=10**6, output_dir=output_dir, run_name=f"{arch}-{config}",
+                               overwrite=True), **CONFIGS[config]})
 
 
 def build_random_model(arch: str, model_dir: str | Path) -> Path:
@@ -328,6 +335,7 @@ def run_project(arch: str, config: str, model_dir: str, seq_len: int, steps: int
                "lora_dropout": run_config.lora_dropout, "logging_steps": logging_steps, "loss_last": result.record["loss_history"][-1]["loss"],
                "estimated_gib": tuner.plan.estimated_gib, "sharded": tuner.plan.sharded,
                "fused_lora": tuner.plan.fused_lora, "fused_lora_layers": result.record["fused_lora_layers"],
+               "fused_mlps": result.record["fused_mlps"],
                "sharded_vocab": result.record["sharded_vocab"],
                "fp32_stream": memory.fp32_stream(tuner.shapes, tuner.plan),
                "setup_peak_gib_per_rank": per_rank(setup_peak), "train_peak_gib_per_rank": per_rank(peak_memory_gib()),
@@ -463,7 +471,10 @@ def estimate_gib(row: dict, shapes_dir: str) -> float | None:
     plan = dataclasses.replace(decide(run_config, shapes, on_gpu=True), liger=bool(row["liger"]))
     # rows before lib.alibi kept bloom's stream bf16 (2026-12-01) had it fp32, as its eager rows do
     stream = row.get("fp32_stream", shapes.fp32_stream)
-    return round(sum(memory.training_memory(shapes, run_config, plan, row["batch_size"], stream).values()) / 2**30, 3)
+    # rows before lib.fused_lora's MLP step (2026-12-07) record no fused_mlps: their MLPs ran layer by layer
+    mlp_step = bool(row.get("fused_mlps", 0))
+    parts = memory.training_memory(shapes, run_config, plan, row["batch_size"], stream, mlp_step)
+    return round(sum(parts.values()) / 2**30, 3)
 
 
 def shapes_dir(arch: str, folder: str | Path) -> Path:
