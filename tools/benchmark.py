@@ -81,11 +81,9 @@ def run_worker(args) -> int:
     """In the configuration's own process: train, measure, write the row."""
     run = benchmark.run_unsloth if args.worker in benchmark.UNSLOTH_CONFIGS else benchmark.run_project
     with tempfile.TemporaryDirectory(prefix="bench-run-") as output_dir:
-        if run is benchmark.run_project:
-            row = run(args.arch, args.worker, args.model_dir, args.seq_len, args.steps, args.warmup, output_dir,
-                      logging_steps=args.logging_steps, timeout_row_file=args.row_file, timing=args.timing)
-        else:
-            row = run(args.arch, args.worker, args.model_dir, args.seq_len, args.steps, args.warmup, output_dir)
+        extra = {"timeout_row_file": args.row_file} if run is benchmark.run_project else {}
+        row = run(args.arch, args.worker, args.model_dir, args.seq_len, args.steps, args.warmup, output_dir,
+                  logging_steps=args.logging_steps, timing=args.timing, **extra)
     Path(args.row_file).write_text(json.dumps(row), encoding="utf-8")
     return 0
 

@@ -352,8 +352,9 @@ def run_project(arch: str, config: str, model_dir: str, seq_len: int, steps: int
 
 
 def run_unsloth(arch: str, config: str, model_dir: str, seq_len: int, steps: int, warmup: int,
-                output_dir: str) -> dict:
-    """Train the same model, blocks, LoRA rank and targets with Unsloth (import it before transformers)."""
+                output_dir: str, logging_steps: int = 1, timing: str = "step") -> dict:
+    """Train the same model, blocks, LoRA rank and targets with Unsloth (import it before transformers), logged
+    and timed as the project's rows of the same call."""
     import unsloth  # noqa: F401  (patches transformers and trl on import)
     from unsloth import FastLanguageModel
 
@@ -372,10 +373,10 @@ def run_unsloth(arch: str, config: str, model_dir: str, seq_len: int, steps: int
     blocks = token_blocks(vocab_size(model_dir), seq_len, batch_size * (warmup + steps))
     args = SFTConfig(output_dir=output_dir, per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
                      max_steps=warmup + steps, learning_rate=2e-4, lr_scheduler_type="constant", bf16=True,
-                     optim="adamw_torch_fused", logging_steps=1, save_strategy="no", report_to="none",
+                     optim="adamw_torch_fused", logging_steps=logging_steps, save_strategy="no", report_to="none",
                      max_length=seq_len, packing=False, dataset_num_proc=1, seed=42)
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=Dataset.from_list(blocks), args=args)
-    timer = step_timer()
+    timer = step_timer((warmup, warmup + steps) if timing == "window" else None)
     trainer.add_callback(timer)
     trainer.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -383,7 +384,8 @@ def run_unsloth(arch: str, config: str, model_dir: str, seq_len: int, steps: int
     details = {"batch_size": batch_size, "grad_accum": 1, "gradient_checkpointing": "unsloth", "precision": "bf16",
                "resolved_precision": "bf16", "attention": getattr(model.config, "_attn_implementation", None),
                "packing": False, "liger": False, "optimizer": "adamw_torch_fused", "lora_dropout": 0.0,
-               "loss_last": losses[-1] if losses else None, "unsloth": unsloth.__version__}
+               "loss_last": losses[-1] if losses else None, "unsloth": unsloth.__version__,
+               "logging_steps": logging_steps}
     return measure(arch, config, "unsloth", timer, warmup, seq_len * batch_size, seq_len, model_dir, trainable, 1,
                    details)
 
