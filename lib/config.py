@@ -97,8 +97,8 @@ class RunConfig:
     liger_kernel: str = "auto"            # auto (on with CUDA + liger-kernel) | on | off: fused norm/RoPE/SwiGLU
     fused_lora: str = "auto"              # auto (on a GPU, 4-bit weights) | on | off | layers: LoRA on a 4-bit
                                           # layer as one autograd step, a SwiGLU MLP's three as one where none
-                                          # has dropout (lib/fused_lora.py); layers: no MLP step; off: PEFT's
-                                          # own forward
+                                          # has dropout (lib/fused_lora.py); layers: as auto, without the MLP
+                                          # step; off: PEFT's own forward
     max_grad_norm: float = 0.3            # gradient clipping, as in the QLoRA paper
     distributed: str = "auto"             # several processes: ddp (each holds the whole model) | fsdp (weights sharded
                                           # over them) | auto (fsdp on GPUs when the model does not fit one whole)

@@ -178,7 +178,7 @@ class FineTuner:
         if self.plan.fused_lora:
             from lib import fused_lora
 
-            fused_lora.install(trainer.model, mlps=self.config.fused_lora != "layers")
+            fused_lora.install(trainer.model, mlps=self.config.fused_lora != "layers", liger=self.plan.liger)
         if trainer.args.fp16:  # fp16 loss scaling unscales fp32 gradients only; TRL casts 4-bit adapters to bf16
             for parameter in trainer.model.parameters():
                 if parameter.requires_grad:

@@ -19,6 +19,12 @@ passes of more than CUSTOM_KERNEL_TOKENS tokens, where bitsandbytes too dequanti
 Everything else (generation, small passes, several adapters, FSDP's sharded weights) goes to PEFT's forward
 unchanged; `served(model)` counts the layers the fused step ran (the run record keeps it). LoRA dropout is
 applied to the adapter's input before the step, as PEFT does, and autograd carries its gradient.
+
+The MLP step: a SwiGLU MLP, down(silu(gate(x)) * up(x)), whose three projections the fused step would each
+serve without dropout and without bias, runs as one autograd function. It keeps x and gate's and up's
+outputs for backward, not their product (the down projection's input, which the layers one by one keep as
+the down adapter's input): backward recomputes it, with Liger's SwiGLU kernels where the plan turns Liger on.
+One inner-width tensor a token and layer less; the same products. `mlps_served(model)` counts them.
 """
 
 from __future__ import annotations
@@ -27,11 +33,13 @@ import functools
 
 import torch
 
+from lib.memory import CUSTOM_KERNEL_TOKENS  # on CUDA, smaller passes keep PEFT's path (see there)
 
-def install(model, mlps: bool = True) -> int:
+
+def install(model, mlps: bool = True, liger: bool = False) -> int:
     """Give every PEFT LoRA layer on a bitsandbytes 4-bit layer the fused training step, and with `mlps` every
-    SwiGLU MLP of three such layers the fused MLP step; returns how many layers. Calling it again changes
-    nothing."""
+    SwiGLU MLP of three such layers the fused MLP step (with `liger`, its SwiGLU through Liger's kernels where
+    installed, as the plan's Liger setting says); returns how many layers. Calling it again changes nothing."""
     global _PARAMS4BIT, _DEQUANTIZE
     try:
         import bitsandbytes
@@ -42,15 +50,22 @@ def install(model, mlps: bool = True) -> int:
     patched = 0
     for module in model.modules():
         if isinstance(module, Linear4bit) and not hasattr(module, "_peft_forward"):
-            module._peft_forward = module.forward
-            module.forward = functools.partial(_forward, module)
+            _patch(module, _forward)
             patched += 1
     for module in model.modules() if mlps else ():
         if mlp_suits(module) and all(isinstance(getattr(module, name), Linear4bit) for name in MLP_PROJECTIONS) \
                 and not hasattr(module, "_peft_forward"):
-            module._peft_forward = module.forward
-            module.forward = functools.partial(_mlp_forward, module)
+            _patch(module, _mlp_forward)
+            module._fused_liger = liger
     return patched
+
+
+def _patch(module, forward):
+    """Put `forward` on the module, keeping the one it had (an instance's own, e.g. Liger's patch of an MLP
+    built before it, or its class's) to call where the fused step does not serve and to give back."""
+    module._own_forward = "forward" in module.__dict__
+    module._peft_forward = module.forward
+    module.forward = functools.partial(forward, module)
 
 
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -88,17 +103,16 @@ def uninstall(model) -> int:
     restored = 0
     for module in model.modules():
         if hasattr(module, "_peft_forward"):
-            del module.forward  # the instance attribute: the class's forward shows again
-            del module._peft_forward
-            module.__dict__.pop("_fused_served", None)
+            if module._own_forward:  # the instance's own forward again
+                module.forward = module._peft_forward
+            else:  # the class's forward shows again
+                del module.forward
+            for name in ("_peft_forward", "_own_forward", "_fused_served", "_fused_liger"):
+                module.__dict__.pop(name, None)
             restored += not hasattr(module, "gate_proj")
     return restored
 
 
-# bitsandbytes multiplies up to this many tokens with its own 4-bit kernel on CUDA (bnb 0.50.2,
-# backends/cuda/ops.py, `_gemm_4bit_custom_max_m`), above it with dequantize + F.linear as this step does:
-# smaller passes keep PEFT's path and bitsandbytes' choice
-CUSTOM_KERNEL_TOKENS = 1536
 _PARAMS4BIT = _DEQUANTIZE = None  # bitsandbytes' parameter class and dequantize_4bit, set by install
 
 
@@ -168,7 +182,8 @@ def _mlp_forward(mlp, x):
     if _small_pass(x):
         return mlp._peft_forward(x)
     names = [_adapter(layer) for layer in layers]
-    if any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers) or any(name is None or not isinstance(layer.lora_dropout[name], torch.nn.Identity)
+    hooked = any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers)
+    if hooked or any(name is None or not isinstance(layer.lora_dropout[name], torch.nn.Identity)
            or layer.get_base_layer().bias is not None for layer, name in zip(layers, names)):
         return mlp._peft_forward(x)
     dtypes = {_compute_dtype(layer, name, x) for layer, name in zip(layers, names)}
@@ -180,7 +195,8 @@ def _mlp_forward(mlp, x):
         tensors += [layer.get_base_layer().weight, layer.lora_A[name].weight, layer.lora_B[name].weight]
     scalings = tuple(float(layer.scaling[name]) for layer, name in zip(layers, names))
     shape = x.shape
-    out = _LoRAMLP4bit.apply(x.reshape(-1, shape[-1]).to(dtype), scalings, *tensors)
+    liger = mlp._fused_liger and x.is_cuda and _liger_swiglu() is not None
+    out = _LoRAMLP4bit.apply(x.reshape(-1, shape[-1]).to(dtype), (scalings, liger), *tensors)
     for module in (mlp, *layers):
         module._fused_served = True
     return out.reshape(*shape[:-1], out.shape[-1]).to(x.dtype)
@@ -244,22 +260,20 @@ class _LoRA4bit(torch.autograd.Function):
         return grad_x, grad_x_lora, None, None, grad_a, grad_b, None
 
 
-def _silu_mul(gate, up):
-    """silu(gate) * up: Liger's fused kernel on CUDA where installed (one pass), else PyTorch's."""
-    if gate.is_cuda and _liger_swiglu() is not None:
+def _silu_mul(gate, up, liger=False):
+    """silu(gate) * up: with `liger`, Liger's fused kernel (one pass), else PyTorch's."""
+    if liger:
         return _liger_swiglu()[0](gate, up)[2]
     return torch.nn.functional.silu(gate).mul_(up)
 
 
-def _silu_mul_backward(gate, up, grad):
-    """The gradients of silu(gate) * up for `grad`: (gate's, up's). Overwrites gate and up (Liger's kernel
-    writes the gradients in their place; the fallback computes in fp32)."""
-    if gate.is_cuda and _liger_swiglu() is not None:
+def _silu_mul_backward(gate, up, grad, liger=False):
+    """The gradients of silu(gate) * up for `grad`: (gate's, up's), in gate's dtype as autograd computes them.
+    Liger's kernel writes them in place of gate and up, which are not needed after."""
+    if liger:
         return _liger_swiglu()[1](gate, up, grad)
-    g, sigmoid = gate.float(), torch.sigmoid(gate.float())
-    silu = g * sigmoid
-    grad_gate = grad.float() * up.float() * sigmoid * (1 + g * (1 - sigmoid))
-    return grad_gate.to(gate.dtype), (grad.float() * silu).to(up.dtype)
+    grad_up = torch.nn.functional.silu(gate).mul_(grad)
+    return torch.ops.aten.silu_backward(grad * up, gate), grad_up
 
 
 @functools.cache
@@ -278,33 +292,35 @@ class _LoRAMLP4bit(torch.autograd.Function):
     projection's input, recomputed there): one inner-width tensor a token fewer than the layers one by one."""
 
     @staticmethod
-    def forward(ctx, x, scalings, *tensors):
+    def forward(ctx, x, settings, *tensors):
+        scalings, liger = settings
         gate_w, gate_a, gate_b, up_w, up_a, up_b, down_w, down_a, down_b = tensors
         with torch.autocast(x.device.type, enabled=False):
             gate, xa_gate = _product(x, x, gate_w, None, gate_a, gate_b, scalings[0])
             up, xa_up = _product(x, x, up_w, None, up_a, up_b, scalings[1])
-            hidden = _silu_mul(gate, up)
+            hidden = _silu_mul(gate, up, liger)
             out, xa_down = _product(hidden, hidden, down_w, None, down_a, down_b, scalings[2])
-        ctx.scalings = scalings
+        ctx.scalings, ctx.liger = scalings, liger
         ctx.weights = (gate_w, up_w, down_w)
         ctx.save_for_backward(x, gate, up, xa_gate, xa_up, xa_down, gate_a, gate_b, up_a, up_b, down_a, down_b)
         return out
 
     @staticmethod
-    def backward(ctx, grad):
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # once: Liger's kernel overwrites the saved gate and up
         x, gate, up, xa_gate, xa_up, xa_down, gate_a, gate_b, up_a, up_b, down_a, down_b = ctx.saved_tensors
         gate_w, up_w, down_w = ctx.weights
         s_gate, s_up, s_down = ctx.scalings
-        needs = ctx.needs_input_grad  # x, scalings, then the nine tensors
+        needs = ctx.needs_input_grad  # x, settings, then the nine tensors
         with torch.autocast(grad.device.type, enabled=False):
             grad = grad.to(x.dtype)
-            hidden = _silu_mul(gate, up)  # the down projection's input, recomputed
+            hidden = _silu_mul(gate, up, ctx.liger)  # the down projection's input, recomputed
             _, grad_down_a, grad_down_b, grad_xa = _product_backward(
                 grad, hidden, xa_down, down_w, down_a, down_b, s_down, (False, needs[9], needs[10]))
             del hidden
             grad_hidden = torch.mm(grad, _dequantized(down_w, x.dtype))
             grad_hidden.addmm_(grad_xa, down_a.to(x.dtype), alpha=s_down)
-            grad_gate, grad_up = _silu_mul_backward(gate, up, grad_hidden)
+            grad_gate, grad_up = _silu_mul_backward(gate, up, grad_hidden, ctx.liger)
             del grad_hidden
             grad_x, grad_gate_a, grad_gate_b, _ = _product_backward(
                 grad_gate, x, xa_gate, gate_w, gate_a, gate_b, s_gate, (needs[0], needs[3], needs[4]))

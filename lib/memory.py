@@ -116,7 +116,8 @@ class ModelShapes:
     fp32_stream: bool = False                 # a LayerNorm on the embeddings (bloom): autocast runs it in fp32,
                                               # so the residual stream starts, and stays, fp32 in bf16/fp16 training
     shardable_vocab: bool = False             # untied embedding and head lib.sharded_vocab can keep sharded
-    swiglu_mlp: bool = False                  # an MLP lib.fused_lora's fused MLP step can run (Llama's SwiGLU)
+    swiglu_mlp: bool = False                  # an MLP lib.fused_lora's fused MLP step can run (Llama's SwiGLU,
+                                              # no biases)
 
     @property
     def linear_paths(self) -> list[str]:
@@ -171,7 +172,9 @@ def read_shapes(model_path: str) -> ModelShapes:
         fp32_stream=any(isinstance(module, torch.nn.LayerNorm) and "embed" in name.lower()
                         for name, module in model.named_modules()),
         shardable_vocab=sharded_vocab.suits(model),
-        swiglu_mlp=any(fused_lora.mlp_suits(module) for module in model.modules()),
+        swiglu_mlp=any(fused_lora.mlp_suits(module) and all(getattr(module, name).bias is None
+                                                             for name in fused_lora.MLP_PROJECTIONS)
+                       for module in model.modules()),
     )
 
 
@@ -209,12 +212,22 @@ def fp32_stream(shapes: ModelShapes, plan) -> bool:
     return shapes.fp32_stream and not (plan.attention == "flex" and plan.precision == "bf16")
 
 
-def fused_mlp(shapes: ModelShapes, config, plan) -> bool:
-    """Whether lib.fused_lora's fused MLP step serves the MLPs: fused LoRA on, no dropout, a SwiGLU MLP whose
-    three projections all carry a LoRA. It keeps gate's and up's outputs, not the down projection's input."""
+# bitsandbytes multiplies up to this many tokens with its own 4-bit kernel on CUDA (bnb 0.50.2,
+# backends/cuda/ops.py, `_gemm_4bit_custom_max_m`), above it with dequantize + F.linear as lib.fused_lora's
+# steps do: smaller passes keep PEFT's path and bitsandbytes' choice
+CUSTOM_KERNEL_TOKENS = 1536
+
+
+def fused_mlp(shapes: ModelShapes, config, plan, tokens: int | None = None) -> bool:
+    """Whether lib.fused_lora's fused MLP step serves the MLPs of passes of `tokens` tokens: fused LoRA on 4-bit
+    weights, not sharded, no dropout, a SwiGLU MLP without biases whose three projections all carry a LoRA
+    (and on a GPU more than CUSTOM_KERNEL_TOKENS tokens a pass). It keeps gate's and up's outputs, not the
+    down projection's input."""
     projections = {"gate_proj", "up_proj", "down_proj"}
-    return bool(plan.fused_lora and config.fused_lora != "layers" and config.lora_dropout == 0 and shapes.swiglu_mlp
-                and projections <= set(shapes.resolve(config.target_module_list())))
+    return bool(plan.fused_lora and config.fused_lora != "layers" and config.load_in_4bit and not plan.sharded
+                and config.lora_dropout == 0 and shapes.swiglu_mlp
+                and projections <= set(shapes.resolve(config.target_module_list()))
+                and (tokens is None or not plan.on_gpu or tokens > CUSTOM_KERNEL_TOKENS))
 
 
 def training_memory(shapes: ModelShapes, config, plan, micro_batch: int | None = None,
@@ -241,7 +254,7 @@ def training_memory(shapes: ModelShapes, config, plan, micro_batch: int | None =
     # gated: gate and up (Liger recomputes their product), without Liger also SiLU(gate); ungated: the
     # activation's input. bitsandbytes' frozen 4-bit product keeps no input; a LoRA on the down projection does
     # lib.fused_lora's MLP step keeps gate and up only
-    if fused_mlp(shapes, config, plan) if mlp_step is None else mlp_step:
+    if fused_mlp(shapes, config, plan, tokens) if mlp_step is None else mlp_step:
         mlp = 2 * I
     else:
         mlp = ((2 if plan.liger else 3) if shapes.gated_mlp else 1) * I

@@ -117,8 +117,8 @@ def decide(config, shapes, on_gpu: bool | None = None, longest_example: int | No
         longest_example=longest_example or None,
     )
     sharded = decide_sharding(plan, config, shapes)
-    fused = config.fused_lora in ("on", "layers") or (config.fused_lora == "auto" and on_gpu
-                                                      and config.load_in_4bit and not sharded)
+    fused = config.fused_lora == "on" or (config.fused_lora in ("auto", "layers") and on_gpu
+                                           and config.load_in_4bit and not sharded)
     plan = dataclasses.replace(plan, sharded=sharded, fused_lora=fused)
     return fit_micro_batch(plan, config, shapes)
 

@@ -221,6 +221,8 @@ def test_the_plan_decides_every_auto_from_config_shapes_and_device(llama, shapes
     assert not decide(config.replace(load_in_4bit=False), llama, on_gpu=True).fused_lora
     assert not decide(config.replace(fused_lora="off"), llama, on_gpu=True).fused_lora
     assert decide(config.replace(fused_lora="on"), llama, on_gpu=False).fused_lora
+    layers = config.replace(fused_lora="layers")  # as auto, without the MLP step
+    assert decide(layers, llama, on_gpu=True).fused_lora and not decide(layers, llama, on_gpu=False).fused_lora
 
 
 # ---- CPU threads ----------------------------------------------------------------------------------
@@ -473,6 +475,11 @@ def test_checkpointing_the_first_layers_only_keeps_the_others_activations(llama,
         == memory.training_memory(llama, no_down, plan, 16)["activations"]
     assert not memory.fused_mlp(llama, all_linear.replace(lora_dropout=0.05), plan)
     assert not memory.fused_mlp(llama, no_down, plan) and not memory.fused_mlp(llama, all_linear, layer_by_layer)
+    assert not memory.fused_mlp(llama, all_linear, plan, tokens=memory.CUSTOM_KERNEL_TOKENS)  # bitsandbytes' kernel
+    assert memory.fused_mlp(llama, all_linear, plan, tokens=memory.CUSTOM_KERNEL_TOKENS + 1)
+    assert not memory.fused_mlp(llama, all_linear.replace(load_in_4bit=False), plan)
+    assert not memory.fused_mlp(llama, all_linear, dataclasses.replace(plan, sharded=True))
+    assert not memory.fused_mlp(llama, all_linear.replace(fused_lora="layers"), plan)
     assert memory.training_memory(llama, all_linear, plan, 16, mlp_step=False)["activations"] \
         == memory.training_memory(llama, all_linear, layer_by_layer, 16)["activations"]
     eager = dataclasses.replace(plan, attention="eager", packed=False)  # scores kept by the layers not recomputed

@@ -133,8 +133,9 @@ REQUIRED_KEYS = ("card", "date", "arch", "config", "gpus", "seq_len", "tokens_pe
 
 def settings(arch: str, config: str, model_dir: str, seq_len: int, max_steps: int, output_dir: str,
              logging_steps: int = 1) -> RunConfig:
-    """The RunConfig of one benchmark configuration: same model, data and LoRA (r=16 on the attention
-    projections) for every configuration; the configuration's overrides on top of RunConfig's defaults."""
+    """The RunConfig of one benchmark configuration: same model, data and LoRA (r=16, on the attention
+    projections unless the configuration says otherwise) for every configuration; the configuration's
+    overrides on top of RunConfig's defaults."""
     return RunConfig(**{**dict(base_model=model_dir, target_modules="attention", lora_r=16, lora_alpha=32,
                                max_seq_length=seq_len, max_steps=max_steps, logging_steps=logging_steps,
                                save_steps=10**6, output_dir=output_dir, run_name=f"{arch}-{config}",
