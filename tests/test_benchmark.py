@@ -184,3 +184,39 @@ def test_repeats_interleave_configurations_and_label_rows(tmp_path):
     assert [(row["config"], row["repeat"], row["run"]) for row in rows] == [
         ("seed", 1, "T"), ("default", 1, "T"), ("seed", 2, "T"), ("default", 2, "T")]
     assert "| default | 2 |" in done.stdout and "x seed per round" in done.stdout
+
+
+def test_profile_runs_after_the_measured_steps_and_sums_kernel_time_by_family(tmp_path):
+    """--profile 2: two more steps under torch.profiler after the measured ones; the row's measurement keeps
+    its own steps, and its `profile` gives time per step by family, the top kernels and the idle rest."""
+    out = tmp_path / "rows.json"
+    command = [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--arch", "tiny-llama", "--configs", "default",
+               "--steps", "2", "--warmup", "1", "--seq-len", "64", "--model-dir", str(tmp_path / "model"),
+               "--profile", "2", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = json.loads(out.read_text())[0]
+    assert row["steps_measured"] == 2
+    profile = row["profile"]
+    assert profile["steps"] == 2 and profile["clock"] == "cpu"  # no GPU here: the operators' CPU time
+    families = profile["families_ms_per_step"]
+    assert families["matrix products"] > 0 and families["attention"] > 0
+    assert sum(families.values()) == pytest.approx(profile["busy_ms_per_step"], abs=0.05)
+    assert profile["busy_ms_per_step"] + profile["idle_ms_per_step"] == pytest.approx(profile["wall_ms_per_step"], abs=0.05)
+    top = profile["top_kernels"]
+    assert len(top) == 15 and top == sorted(top, key=lambda kernel: kernel["ms_per_step"], reverse=True)
+    assert "| family | ms a step |" in done.stdout and f"| {top[0]['family']} |" in done.stdout
+
+
+def test_kernel_families_name_gpu_kernels():
+    family = benchmark.kernel_family
+    assert family("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1") == "matrix products"
+    assert family("nvjet_tst_128x256_64x4_2x1_v_bz_coopB_TNN") == "matrix products"
+    assert family("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>") == "attention"
+    assert family("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>(float*, unsigned char*)") == "dequantize 4-bit"
+    assert family("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>") == "copies and casts"
+    assert family("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>") == "elementwise"
+    assert family("_rms_norm_backward_kernel") == "norm, SwiGLU, RoPE, loss (Triton)"
+    assert family("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>") == "optimizer"
+    assert family("ncclDevKernel_AllReduce_Sum_bf16_RING_LL") == "communication"
+    assert family("something_new") == "other"

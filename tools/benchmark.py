@@ -13,6 +13,9 @@ Loss of the seed's settings against the defaults on the embedded model (CPU is f
     python tools/benchmark.py --loss-curves docs/loss_seed_vs_default.png
 Side by side with repeats (issue 18: every ratio the median of >= 3 rounds in one call, interleaved):
     python tools/benchmark.py --arch bloom-1b1 --configs seed,default,default-flex --repeats 3 --run P --out rows.json
+Where a step's time goes: 2 more steps after the measured ones under torch.profiler, printed by kernel family
+and kept in the row's `profile`:
+    python tools/benchmark.py --arch llama-1b --configs b32-ckpt13-nodrop --profile 2 --out rows.json
 CPU smoke run (what tests/test_benchmark.py does):
     python tools/benchmark.py --arch tiny-llama --configs default --steps 2 --warmup 1 --seq-len 64 --out /tmp/rows.json
 Data parallel, one process per GPU (accelerate_configs/multi_gpu.yaml rendered with num_processes=N):
@@ -56,6 +59,9 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--timing", choices=("step", "window"), default="step",
                         help="step: the GPU synchronised after every step, tokens/s from the median step; window: "
                              "synchronised only around the measured steps, tokens/s from their total time")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="the project's configurations: profile this many more steps after the measured ones "
+                             "(torch.profiler; the row's `profile` gives device time per step by kernel family)")
     parser.add_argument("--model-dir", help="where the random model is built (default: a folder under /tmp)")
     parser.add_argument("--unsloth-path", help="site folder holding Unsloth and its pins, for unsloth-* configs")
     parser.add_argument("--out", help="JSON file of rows; this run's rows replace earlier ones of the same key "
@@ -81,7 +87,8 @@ def run_worker(args) -> int:
     """In the configuration's own process: train, measure, write the row."""
     run = benchmark.run_unsloth if args.worker in benchmark.UNSLOTH_CONFIGS else benchmark.run_project
     with tempfile.TemporaryDirectory(prefix="bench-run-") as output_dir:
-        extra = {"timeout_row_file": args.row_file} if run is benchmark.run_project else {}
+        extra = ({"timeout_row_file": args.row_file, "profile_steps": args.profile}
+                 if run is benchmark.run_project else {})
         row = run(args.arch, args.worker, args.model_dir, args.seq_len, args.steps, args.warmup, output_dir,
                   logging_steps=args.logging_steps, timing=args.timing, **extra)
     Path(args.row_file).write_text(json.dumps(row), encoding="utf-8")
@@ -91,7 +98,8 @@ def run_worker(args) -> int:
 def child(args, extra: list[str], env: dict | None = None, timeout: int | None = None):
     command = [sys.executable, str(Path(__file__).resolve()), "--arch", args.arch, "--seq-len", str(args.seq_len),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--model-dir", args.model_dir,
-               "--logging-steps", str(args.logging_steps), "--timing", args.timing, *extra]
+               "--logging-steps", str(args.logging_steps), "--timing", args.timing, "--profile", str(args.profile),
+               *extra]
     return subprocess.run(command, env=env, timeout=timeout, capture_output=True, text=True, cwd=ROOT)
 
 
@@ -252,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"packed vs alone, loss max |diff| {check['loss_max_diff']}, logits max |diff| "
                   f"{check['logits_max_diff']} (attending across examples: {check['crossed_logits_max_diff']})",
                   flush=True)
+        if row.get("profile"):
+            print(benchmark.profile_table(row["profile"]), flush=True)
         if row["status"] != "ok":
             print(row.get("log_tail", "")[-1500:], flush=True)
         if args.out:

@@ -100,7 +100,7 @@ CONFIGS = {
     # N of llama-1b's 16 layers (the others keep their activations), or none
     **{f"b{batch}-ckpt{layers}-nodrop": fast(batch, attention="varlen", gradient_checkpointing=True,
                                              checkpointed_layers=layers, liger_kernel="on", lora_dropout=0.0)
-       for batch in (8, 16, 32) for layers in (4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)},
+       for batch in (8, 16, 24, 32) for layers in (4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)},
     "b8-nockpt-nodrop": fast(8, attention="varlen", liger_kernel="on", lora_dropout=0.0),
     # LoRA on every linear layer (the RunConfig default) without dropout: the MLP step (lib/fused_lora.py)
     # against each projection's fused step on its own ("layers")
@@ -230,13 +230,15 @@ def step_timer(window: tuple[int, int] | None = None):
 
 
 def measure(arch: str, config: str, engine: str, timer, warmup: int, tokens_per_step: int,
-            seq_len: int, model_dir: str, lora_weights: int, world_size: int, details: dict) -> dict:
-    """One result row from a finished run's step times and the process's peak memory."""
+            seq_len: int, model_dir: str, lora_weights: int, world_size: int, details: dict,
+            steps: int | None = None) -> dict:
+    """One result row from a finished run's step times and the process's peak memory (steps: how many steps
+    after the warm-up were measured; any after them, profiled ones, are left out)."""
     import torch
 
     from lib.fine_tuner import device_name, library_versions, peak_memory_gib
 
-    measured = timer.step_seconds()[warmup:]
+    measured = timer.step_seconds()[warmup:warmup + steps] if steps else timer.step_seconds()[warmup:]
     s_per_step = statistics.median(measured)
     window_s = timer.window_seconds()
     if window_s:  # timing "window": the measured steps' total time, no synchronisation inside it
@@ -261,6 +263,96 @@ def measure(arch: str, config: str, engine: str, timer, warmup: int, tokens_per_
         "flops_per_token": flops_per_token, "matmul_weights": matmul, "lora_weights": lora_weights,
         "peak_flops": peak, "status": "ok", **details, "versions": library_versions(),
     }
+
+
+# Kernel families of a step's profile, by a fragment of the kernel's name (first match wins).
+KERNEL_FAMILIES = (
+    ("communication", ("nccl",)),
+    ("attention", ("flash", "fmha", "attention", "flex")),
+    ("optimizer", ("multi_tensor", "adam")),
+    ("dequantize 4-bit", ("dequantize", "kdequant")),
+    ("matrix products", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_", "ampere_", "wgmma", "gemv",
+                         "aten::mm", "aten::addmm", "aten::bmm", "matmul")),
+    ("norm, SwiGLU, RoPE, loss (Triton)", ("triton", "rms_norm", "swiglu", "rope", "cross_entropy", "liger")),
+    ("dropout", ("bernoulli", "dropout")),
+    ("copies and casts", ("copy", "memcpy", "cast", "cat_", "catarray", "to_copy")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "fill", "where", "aten::add", "aten::mul", "aten::sub",
+                     "aten::div", "aten::exp", "aten::neg", "bitwise", "silu", "sigmoid")),
+    ("reductions", ("reduce", "sum", "norm", "logsumexp", "softmax")),
+    ("memset", ("memset",)),
+)
+
+
+def kernel_family(name: str) -> str:
+    """The family (KERNEL_FAMILIES) a kernel's name falls in, else "other"."""
+    lower = name.lower()
+    return next((family for family, fragments in KERNEL_FAMILIES if any(part in lower for part in fragments)),
+                "other")
+
+
+def profile_summary(events, steps: int, wall_s: float, top: int = 15) -> dict:
+    """Per optimizer step: the device time of each kernel family and of the `top` kernels, from a profiler's
+    key_averages(); busy = the kernels' total, idle = wall time minus busy (launch gaps, synchronisation,
+    the CPU's own work; can be negative where kernels overlap). On CPU (no device kernels), the operators'
+    own CPU time instead."""
+    def device_us(event) -> float:
+        return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0) or 0
+
+    kernels = [event for event in events if device_us(event) > 0 and getattr(event, "device_type", None) is not None
+               and "cuda" in str(event.device_type).lower()]
+    on_device = bool(kernels)
+    if not on_device:  # CPU: the operators' own time (top-level aten calls)
+        kernels = [event for event in events if event.self_cpu_time_total > 0]
+    own = device_us if on_device else (lambda event: event.self_cpu_time_total)
+    families: dict[str, float] = {}
+    for event in kernels:
+        family = kernel_family(event.key)
+        families[family] = families.get(family, 0.0) + own(event) / 1e3 / steps
+    busy = sum(families.values())
+    ranked = sorted(kernels, key=own, reverse=True)[:top]
+    return {
+        "steps": steps, "clock": "device" if on_device else "cpu", "wall_ms_per_step": round(1e3 * wall_s / steps, 2),
+        "busy_ms_per_step": round(busy, 2), "idle_ms_per_step": round(1e3 * wall_s / steps - busy, 2),
+        "families_ms_per_step": {family: round(ms, 2) for family, ms in
+                                 sorted(families.items(), key=lambda item: item[1], reverse=True)},
+        "top_kernels": [{"name": event.key[:120], "family": kernel_family(event.key),
+                         "calls_per_step": round(event.count / steps, 1),
+                         "ms_per_step": round(own(event) / 1e3 / steps, 3)} for event in ranked],
+    }
+
+
+def step_profiler(first: int, steps: int):
+    """A trainer callback profiling optimizer steps first+1 .. first+steps with torch.profiler (CPU and
+    CUDA activities), synchronised at both ends; `summary()` gives profile_summary() of them."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepProfiler(TrainerCallback):
+        def __init__(self):
+            self.profiler = None
+            self.started = self.wall_s = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == first:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if torch.cuda.is_available():
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                    torch.cuda.synchronize()
+                self.profiler = torch.profiler.profile(activities=activities)
+                self.profiler.start()
+                self.started = time.perf_counter()
+            elif state.global_step == first + steps and self.profiler is not None:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.wall_s = time.perf_counter() - self.started
+                self.profiler.stop()
+
+        def summary(self) -> dict | None:
+            if self.profiler is None or self.wall_s is None:
+                return None
+            return profile_summary(self.profiler.key_averages(), steps, self.wall_s)
+
+    return StepProfiler()
 
 
 PACKING_CHECK_LENGTHS = (211, 64, 389)  # tokens of the examples packed into one row by packing_check
@@ -309,23 +401,28 @@ def packing_check(model, vocab: int) -> dict:
 
 def run_project(arch: str, config: str, model_dir: str, seq_len: int, steps: int, warmup: int,
                 output_dir: str, logging_steps: int = 1, timeout_row_file: str | None = None,
-                timing: str = "step") -> dict:
+                timing: str = "step", profile_steps: int = 0) -> dict:
     """Train one configuration through the FineTuner and measure it; with packed rows, then check packing on
     this device (packing_check; the row is measured first, so the check moves neither its time nor its peak,
-    and is written to `timeout_row_file` first, so a check that runs out of time loses only itself)."""
+    and is written to `timeout_row_file` first, so a check that runs out of time loses only itself).
+    profile_steps: that many more steps after the measured ones, under torch.profiler (the row's `profile`:
+    device time per step by kernel family and the top kernels); they are not part of the measurement."""
     import torch
 
     from lib import memory
     from lib.fine_tuner import FineTuner, peak_memory_gib
 
-    run_config = settings(arch, config, model_dir, seq_len, warmup + steps, output_dir, logging_steps)
-    rows = run_config.batch_size * (warmup + steps) * world_size()
+    run_config = settings(arch, config, model_dir, seq_len, warmup + steps + profile_steps, output_dir, logging_steps)
+    rows = run_config.batch_size * (warmup + steps + profile_steps) * world_size()
     tuner = FineTuner(run_config, train_dataset=token_blocks(vocab_size(model_dir), seq_len, rows)).setup()
     setup_peak = peak_memory_gib()  # loading the model (and, sharded, before it is divided)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # the training peak alone from here; the row keeps the larger
     timer = step_timer((warmup, warmup + steps) if timing == "window" else None)
     tuner.trainer.add_callback(timer)
+    profiler = step_profiler(warmup + steps, profile_steps) if profile_steps else None
+    if profiler:
+        tuner.trainer.add_callback(profiler)
     result = tuner.train()
     args, model = tuner.trainer.args, tuner.trainer.model
     details = {"batch_size": args.per_device_train_batch_size, "grad_accum": args.gradient_accumulation_steps,
@@ -344,7 +441,9 @@ def run_project(arch: str, config: str, model_dir: str, seq_len: int, steps: int
                "overrides": CONFIGS[config]}
     tokens_per_step = seq_len * args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size()
     row = measure(arch, config, "project", timer, warmup, tokens_per_step, seq_len, model_dir,
-                  result.record["trainable_parameters"], world_size(), details)
+                  result.record["trainable_parameters"], world_size(), details, steps=steps)
+    if profiler:
+        row["profile"] = profiler.summary()
     if tuner.plan.packed:
         if timeout_row_file:
             Path(timeout_row_file).write_text(json.dumps({**row, "packing_check": {"status": "timeout"}}))
@@ -559,6 +658,19 @@ def repeat_summary(rows: list[dict], baseline: str) -> str:
 
 
 # ---- the report: a README-ready table and a chart ----------------------------------------------------------
+
+def profile_table(profile: dict) -> str:
+    """A row's `profile` as markdown: milliseconds per step by kernel family, then the top kernels."""
+    wall = profile["wall_ms_per_step"]
+    lines = [f"profile of {profile['steps']} steps ({profile['clock']} time): {wall:.1f} ms a step, "
+             f"kernels {profile['busy_ms_per_step']:.1f} ms, idle {profile['idle_ms_per_step']:.1f} ms",
+             "", "| family | ms a step | share of the step |", "| --- | ---: | ---: |"]
+    lines += [f"| {family} | {ms:.2f} | {100 * ms / wall:.1f}% |" for family, ms in profile["families_ms_per_step"].items()]
+    lines += ["", "| kernel | family | calls a step | ms a step |", "| --- | --- | ---: | ---: |"]
+    lines += [f"| `{kernel['name'][:80]}` | {kernel['family']} | {kernel['calls_per_step']} | {kernel['ms_per_step']:.3f} |"
+              for kernel in profile["top_kernels"]]
+    return "\n".join(lines)
+
 
 def markdown_table(rows: list[dict]) -> str:
     """One table per card and architecture: every configuration against that card's seed row (a row's
