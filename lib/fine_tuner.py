@@ -255,6 +255,8 @@ class FineTuner:
             callbacks.append(ReleaseFreedMemory())
         if self.plan.checkpointing and self.config.checkpointed_layers != "all":
             callbacks.append(CheckpointFirstLayers(self.config.checkpointed_layers))
+        if self.plan.fused_lora:
+            callbacks.append(FusedStepsAtStart(mlps=self.config.fused_lora != "layers", liger=self.plan.liger))
         for callback in callbacks:
             self.trainer.add_callback(callback)
         started = time.perf_counter()
@@ -395,6 +397,21 @@ class CheckpointFirstLayers(TrainerCallback):
         layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
         for index, layer in enumerate(layers):
             layer.gradient_checkpointing = layer.gradient_checkpointing and index < self.count
+
+
+class FusedStepsAtStart(TrainerCallback):
+    """lib.fused_lora's steps installed again as training starts: the Trainer applies Liger's kernels in train(),
+    after the steps were installed with the trainer, and Liger binds LigerSwiGLUMLP's forward on every SwiGLU MLP,
+    over the MLP step (which then never ran on a GPU: run F34 recorded fused_mlps 0). Installing again puts the
+    step back over Liger's forward, which stays the fallback."""
+
+    def __init__(self, mlps: bool, liger: bool):
+        self.mlps, self.liger = mlps, liger
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from lib import fused_lora
+
+        fused_lora.install(model, mlps=self.mlps, liger=self.liger)
 
 
 class ReleaseFreedMemory(TrainerCallback):

@@ -39,7 +39,9 @@ from lib.memory import CUSTOM_KERNEL_TOKENS  # on CUDA, smaller passes keep PEFT
 def install(model, mlps: bool = True, liger: bool = False) -> int:
     """Give every PEFT LoRA layer on a bitsandbytes 4-bit layer the fused training step, and with `mlps` every
     SwiGLU MLP of three such layers the fused MLP step (with `liger`, its SwiGLU through Liger's kernels where
-    installed, as the plan's Liger setting says); returns how many layers. Calling it again changes nothing."""
+    installed, as the plan's Liger setting says); returns how many layers it patched. Calling it again patches
+    only what lost its step since: a module whose forward was rebound after install (the Trainer applies Liger
+    in train(), binding LigerSwiGLUMLP's forward on every MLP) gets the step again, over the new forward."""
     global _PARAMS4BIT, _DEQUANTIZE
     try:
         import bitsandbytes
@@ -49,15 +51,21 @@ def install(model, mlps: bool = True, liger: bool = False) -> int:
     _PARAMS4BIT, _DEQUANTIZE = bitsandbytes.nn.Params4bit, bitsandbytes.functional.dequantize_4bit
     patched = 0
     for module in model.modules():
-        if isinstance(module, Linear4bit) and not hasattr(module, "_peft_forward"):
+        if isinstance(module, Linear4bit) and not _patched(module):
             _patch(module, _forward)
             patched += 1
     for module in model.modules() if mlps else ():
         if mlp_suits(module) and all(isinstance(getattr(module, name), Linear4bit) for name in MLP_PROJECTIONS) \
-                and not hasattr(module, "_peft_forward"):
+                and not _patched(module):
             _patch(module, _mlp_forward)
             module._fused_liger = liger
     return patched
+
+
+def _patched(module) -> bool:
+    """Whether the module's forward is the fused step's (not rebound since install)."""
+    forward = module.__dict__.get("forward")
+    return isinstance(forward, functools.partial) and forward.func in (_forward, _mlp_forward)
 
 
 def _patch(module, forward):

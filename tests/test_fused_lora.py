@@ -174,6 +174,41 @@ def test_the_run_record_counts_the_layers_the_fused_step_served(monkeypatch, tmp
     assert counts == {"on": 30 * 4, "off": 0}
 
 
+def test_the_mlp_step_serves_after_the_trainer_applies_liger(monkeypatch, tmp_path):
+    """The Trainer applies Liger in train(), after the FineTuner installed the steps, binding LigerSwiGLUMLP's
+    forward on every MLP instance (liger_kernel's _patch_swiglu_module); the steps are installed again as
+    training begins, so every MLP still trains through the MLP step, with the rebound forward as its fallback.
+    (Run F34 on an H100 recorded fused_mlps 0 before this.) Liger cannot run on a CPU: a stand-in binds the
+    MLPs' forward as Liger does."""
+    import transformers.trainer
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from lib.config import RunConfig
+    from lib.fine_tuner import FineTuner
+
+    rebound = []
+
+    def liger_like(model, config=None):
+        for module in model.modules():
+            if isinstance(module, LlamaMLP):
+                module.__dict__["forward"] = LlamaMLP.forward.__get__(module, LlamaMLP)
+                rebound.append(module)
+
+    monkeypatch.setattr(transformers.trainer, "apply_liger_kernel", liger_like)
+    config = RunConfig.for_task("sql", "cpu", train_rows=8, eval_rows=1, max_steps=1, batch_size=2, max_seq_length=128,
+                                lora_dropout=0.0, target_modules="all-linear", fused_lora="on", tracking="off",
+                                output_dir=str(tmp_path), run_name="liger")
+    tuner = FineTuner(config).setup()
+    tuner.trainer.args.use_liger_kernel = True
+    record = tuner.train().record
+    assert len(rebound) == 30
+    assert record["fused_mlps"] == 30 and record["fused_lora_layers"] == 30 * 7
+    mlp = rebound[0]
+    assert mlp._own_forward and mlp._peft_forward.__func__ is LlamaMLP.forward  # the rebound forward: the fallback
+    fused_lora.uninstall(tuner.trainer.model)
+    assert mlp.forward.__func__ is LlamaMLP.forward
+
+
 def _inner_width_saves(mlp, x):
     """The MLP's output for `x` and how many (tokens, inner width) tensors its forward keeps for backward."""
     import torch
