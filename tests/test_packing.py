@@ -74,32 +74,132 @@ def test_attending_across_examples_would_be_caught(embedded_dir, examples):
     assert not torch.allclose(got[1:], expected[1:], rtol=1e-3, atol=1e-3)
 
 
-def test_varlen_kernel_call_matches_the_masked_reference():
-    """The flash-kernel wrapper (GQA expansion, causal window, layout) against the dense-mask reference,
-    with a stand-in kernel on CPU: per example, causal SDPA."""
+def per_example_causal(q, k, v, cu_q, scale):
+    """Causal SDPA example by example, key/value heads shared (GQA): what the flash varlen kernel computes."""
+    pieces = [F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
+                                             is_causal=True, scale=scale, enable_gqa=True).transpose(0, 1)
+              for s, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist())]
+    return torch.cat(pieces)
+
+
+@pytest.mark.parametrize("kernel_takes_gqa", [True, False])
+def test_varlen_kernel_call_matches_the_masked_reference(monkeypatch, kernel_takes_gqa):
+    """The flash-kernel wrapper (causal window, layout, GQA without copies: varlen_attn's enable_gqa where it has
+    one, else the kernel under it) against the dense-mask reference, with stand-in kernels on CPU."""
     generator = torch.Generator().manual_seed(1)
     lengths = [5, 9, 3]
     q = torch.randn(sum(lengths), 4, 8, generator=generator)
     k, v = (torch.randn(sum(lengths), 2, 8, generator=generator) for _ in range(2))
     cu_seq_lens = torch.tensor([0, 5, 14, 17], dtype=torch.int32)
+    calls = []
 
-    def stand_in(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=(-1, -1)):
-        assert window_size == (-1, 0) and q.shape[1] == k.shape[1]
-        pieces = [F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1),
-                                                 v[s:e].transpose(0, 1), is_causal=True, scale=scale).transpose(0, 1)
-                  for s, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist())]
-        return torch.cat(pieces)
+    def with_gqa(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=(-1, -1), enable_gqa=False):
+        assert window_size == (-1, 0) and enable_gqa and k.shape[1] == 2
+        calls.append("varlen_attn")
+        return per_example_causal(q, k, v, cu_q, scale)
+
+    def without_gqa(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=(-1, -1)):
+        pytest.fail("key/value heads would have to be copied out for a varlen_attn without GQA")
+
+    def kernel(q, k, v, cu_q, max_length, scale):
+        assert k.shape[1] == 2 and max_length == 9
+        calls.append("kernel")
+        return per_example_causal(q, k, v, cu_q, scale)
 
     varlen = pytest.importorskip("torch.nn.attention.varlen")
-    original = varlen.varlen_attn
+    monkeypatch.setattr(varlen, "varlen_attn", with_gqa if kernel_takes_gqa else without_gqa)
+    monkeypatch.setattr(attention, "flash_varlen_gqa", kernel)
     attention._varlen_options.cache_clear()
     try:
-        varlen.varlen_attn = stand_in
         got = attention.flash_varlen(q, k, v, cu_seq_lens, max(lengths), 0.3)
     finally:
-        varlen.varlen_attn = original
         attention._varlen_options.cache_clear()
+    assert calls == ["varlen_attn" if kernel_takes_gqa else "kernel"]
     torch.testing.assert_close(got, attention.masked_sdpa(q, k, v, cu_seq_lens, 0.3), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_row_of_equal_examples_gives_each_its_own_loss(embedded_dir):
+    """Examples all of one length (fixed-length blocks) take the unmasked batch path of "varlen"."""
+    generator = torch.Generator().manual_seed(2)
+    examples = [torch.randint(10, 40000, (20,), generator=generator).tolist() for _ in range(3)]
+    model = models.load_base_model(embedded_dir, load_in_4bit=False, attention="varlen", precision="fp32").eval()
+    batch = packed_batch(examples)
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        alone = torch.cat([model(input_ids=torch.tensor([ids])).logits[0] for ids in examples])
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_equal_examples_go_to_one_unmasked_batch_and_match_the_masked_reference(monkeypatch):
+    """The batch path (rows of one length, GQA without copies) against the dense-mask reference, and the
+    dispatch: equal lengths never reach the masked or flash varlen paths."""
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 18, 8, generator=generator, requires_grad=True)
+    k, v = (torch.randn(1, 2, 18, 8, generator=generator, requires_grad=True) for _ in range(2))
+    position_ids = torch.arange(6).repeat(3)[None]
+    cu_seq_lens = torch.tensor([0, 6, 12, 18], dtype=torch.int32)
+    flat = [t[0].transpose(0, 1) for t in (q, k, v)]
+    expected = attention.masked_sdpa(*flat, cu_seq_lens, 0.3)
+    grads_expected = torch.autograd.grad(expected.square().sum(), (q, k, v))
+    for path in ("masked_sdpa", "flash_varlen"):
+        monkeypatch.setattr(attention, path, lambda *args, path=path: pytest.fail(f"equal lengths went to {path}"))
+    got, _ = attention.varlen_attention_forward(None, q, k, v, None, scaling=0.3, position_ids=position_ids)
+    assert got.shape == (1, 18, 4, 8)
+    torch.testing.assert_close(got[0], expected, rtol=1e-5, atol=1e-5)
+    for grad, want in zip(torch.autograd.grad(got.square().sum(), (q, k, v)), grads_expected):
+        torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_equal_examples_match_the_flash_varlen_kernel():
+    """bf16 on the GPU: the batch path (cuDNN first on Hopper) is as close to an fp32 reference as the flash
+    varlen kernel is, forward and backward, at Llama-1B's heads (32 query, 8 key/value, 64 wide)."""
+    generator = torch.Generator(device="cuda").manual_seed(4)
+    tokens, length = 4096, 1024
+    q = torch.randn(tokens, 32, 64, device="cuda", dtype=torch.bfloat16, generator=generator, requires_grad=True)
+    k, v = (torch.randn(tokens, 8, 64, device="cuda", dtype=torch.bfloat16, generator=generator, requires_grad=True)
+            for _ in range(2))
+    grad_out = torch.randn(tokens, 32, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
+    cu_seq_lens = torch.arange(0, tokens + 1, length, device="cuda", dtype=torch.int32)
+
+    def run(path, *inputs):
+        out = path(*inputs)
+        return [t.float() for t in (out, *torch.autograd.grad(out, inputs, grad_out.to(out.dtype)))]
+
+    fp32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    reference = run(lambda *t: attention.masked_sdpa(*t, cu_seq_lens, 0.125), *fp32)
+    batched = run(lambda *t: attention.equal_length_sdpa(*t, tokens // length, 0.125), q, k, v)
+    flash = run(lambda *t: attention.flash_varlen(*t, cu_seq_lens, length, 0.125), q, k, v)
+    expanded = run(lambda q, k, v: attention.flash_varlen(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1),
+                                                          cu_seq_lens, length, 0.125), q, k, v)
+    for name, want, got, kernel, copied in zip(("out", "dq", "dk", "dv"), reference, batched, flash, expanded):
+        error, kernel_error = (got - want).abs().max().item(), (kernel - want).abs().max().item()
+        copied_error = (copied - want).abs().max().item()
+        print(f"{name}: batch path {error:.4f}, flash varlen {kernel_error:.4f}, heads copied {copied_error:.4f}")
+        assert error <= 2 * copied_error + 1e-3 and kernel_error <= 2 * copied_error + 1e-3, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_ragged_examples_match_the_dense_reference():
+    """bf16 on the GPU: packed examples of different lengths through the flash varlen kernel, key/value heads
+    shared (GQA) without copies, against an fp32 dense-mask reference, forward and backward."""
+    generator = torch.Generator(device="cuda").manual_seed(5)
+    lengths = [700, 64, 1024, 311, 997, 1]
+    cu_seq_lens = torch.tensor([0, *lengths], device="cuda").cumsum(0).to(torch.int32)
+    tokens = sum(lengths)
+    q = torch.randn(tokens, 32, 64, device="cuda", dtype=torch.bfloat16, generator=generator, requires_grad=True)
+    k, v = (torch.randn(tokens, 8, 64, device="cuda", dtype=torch.bfloat16, generator=generator, requires_grad=True)
+            for _ in range(2))
+    grad_out = torch.randn(tokens, 32, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
+    fp32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    want = attention.masked_sdpa(*fp32, cu_seq_lens, 0.125)
+    got = attention.flash_varlen(q, k, v, cu_seq_lens, max(lengths), 0.125)
+    assert got.shape == (tokens, 32, 64)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (got, *torch.autograd.grad(got, (q, k, v), grad_out)),
+                          (want, *torch.autograd.grad(want, fp32, grad_out.float()))):
+        error = (a.float() - b).abs().max().item()
+        print(f"{name}: {error:.4f} from fp32 (largest {b.abs().max().item():.2f})")
+        assert error <= 0.02 * b.abs().max().item() + 0.02, name
 
 
 @pytest.fixture(scope="module")
