@@ -17,6 +17,7 @@ Key/value heads shared by several query heads (GQA) are never copied out.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 
@@ -157,20 +158,22 @@ def equal_length_sdpa(q, k, v, examples: int, scale: float):
 
     tokens, heads, head_dim = q.shape
     rows = (t.view(examples, tokens // examples, t.shape[1], head_dim).transpose(1, 2) for t in (q, k, v))
-    with sdpa_kernel(_sdpa_priority(q.device), set_priority=True):
+    priority = _sdpa_priority(q.device)
+    with sdpa_kernel(priority, set_priority=True) if priority else contextlib.nullcontext():
         out = F.scaled_dot_product_attention(*rows, is_causal=True, scale=scale, enable_gqa=k.shape[1] != heads)
     return out.transpose(1, 2).reshape(tokens, heads, head_dim)
 
 
 @functools.cache
-def _sdpa_priority(device) -> list:
-    """SDPA's kernels in order of preference for `device`; cuDNN first on Hopper only, where it was measured."""
+def _sdpa_priority(device) -> list | None:
+    """SDPA's kernels in order of preference on Hopper, cuDNN first (measured there); elsewhere None: SDPA's
+    own order, without the context that sets it (about 20 us a call, which a small model's step feels)."""
     import torch
     from torch.nn.attention import SDPBackend
 
-    fallbacks = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
-    return [SDPBackend.CUDNN_ATTENTION, *fallbacks] if hopper else fallbacks
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        return None
+    return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def masked_sdpa(q, k, v, cu_seq_lens, scale: float):

@@ -219,4 +219,23 @@ def test_kernel_families_name_gpu_kernels():
     assert family("_rms_norm_backward_kernel") == "norm, SwiGLU, RoPE, loss (Triton)"
     assert family("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>") == "optimizer"
     assert family("ncclDevKernel_AllReduce_Sum_bf16_RING_LL") == "communication"
+    assert family("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64_1x4") == "attention"
     assert family("something_new") == "other"
+
+
+def test_attention_speed_needs_a_gpu_and_says_so(capsys):
+    """tools/attention_speed.py times CUDA kernels; without a GPU it stops with a clear message and exit code 2."""
+    from tools import attention_speed
+
+    if __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is here")
+    assert attention_speed.main([]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_attention_speed_ragged_lengths_fill_the_tokens():
+    from tools import attention_speed
+
+    lengths = attention_speed.ragged_lengths(16384, 1024)
+    assert sum(lengths) == 16384 and max(lengths) <= 1024 and len(set(lengths)) > 5
+    assert min(lengths[:-1]) >= 64  # only the last example is cut short to fill the tokens

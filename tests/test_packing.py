@@ -150,6 +150,18 @@ def test_equal_examples_go_to_one_unmasked_batch_and_match_the_masked_reference(
         torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("capability, first", [((9, 0), "CUDNN_ATTENTION"), ((8, 0), None), (None, None)])
+def test_cudnn_goes_first_on_hopper_only(monkeypatch, capability, first):
+    """cuDNN's kernel was measured faster on an H100 only; elsewhere SDPA keeps its own order (no context)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    attention._sdpa_priority.cache_clear()
+    try:
+        priority = attention._sdpa_priority(torch.device("cuda" if capability else "cpu", 0 if capability else None))
+    finally:
+        attention._sdpa_priority.cache_clear()
+    assert (priority[0].name if priority else None) == first
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_a_gpu_equal_examples_match_the_flash_varlen_kernel():
     """bf16 on the GPU: the batch path (cuDNN first on Hopper) is as close to an fp32 reference as the flash
