@@ -65,25 +65,34 @@ def varlen_mask(*args, attention_mask=None, **kwargs):
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
+UNSUPPORTED = ("softcap", "s_aux", "sliding_window", "position_bias")  # arguments no path here applies
+
+
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                              scaling: float | None = None, **kwargs):
     """transformers' attention-function interface; query/key/value are (batch, heads, tokens, head_dim)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    unsupported = [name for name in UNSUPPORTED if kwargs.get(name) is not None]
+    if unsupported or not getattr(module, "is_causal", True):
+        raise ValueError(f'attention="varlen" is causal attention without {", ".join(UNSUPPORTED)}; this model\'s '
+                         f"attention passes {unsupported or 'is_causal=False'}: use attention=\"sdpa\" or \"eager\"")
     boundaries = packed_boundaries(query, key, attention_mask, kwargs)
-    if boundaries is None or dropout > 0:
+    if boundaries is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     cu_seq_lens, max_length = boundaries
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q, k, v = (tensor[0].transpose(0, 1) for tensor in (query, key, value))  # (tokens, heads, head_dim)
     examples = cu_seq_lens.numel() - 1
-    if q.shape[0] == examples * max_length:  # every example as long as the longest: fixed-length blocks
-        out = equal_length_sdpa(q, k, v, examples, scale)
-    elif kernel_usable(q):
+    equal = q.shape[0] == examples * max_length  # every example as long as the longest: fixed-length blocks
+    flash = kernel_usable(q) and dropout == 0
+    if equal and (not flash or _cudnn_first(q.device)):
+        out = equal_length_sdpa(q, k, v, examples, scale, dropout)
+    elif flash:
         out = flash_varlen(q, k, v, cu_seq_lens, max_length, scale)
     else:
-        out = masked_sdpa(q, k, v, cu_seq_lens, scale)
+        out = masked_sdpa(q, k, v, cu_seq_lens, scale, dropout)
     return out.unsqueeze(0), None  # (1, tokens, heads, head_dim), no attention weights
 
 
@@ -100,6 +109,8 @@ def packed_boundaries(query, key, attention_mask, kwargs: dict):
     if position_ids is None:
         return None
     starts = (position_ids[0] == 0).nonzero().flatten()
+    if starts.numel() == 0 or starts[0] != 0:  # the row opens inside an example: that piece is one too
+        starts = torch.cat([starts.new_zeros(1), starts])
     if starts.numel() <= 1:  # one example: plain causal attention
         return None
     cu_seq_lens = torch.cat([starts, starts.new_tensor([position_ids.shape[-1]])]).to(torch.int32)
@@ -146,37 +157,54 @@ def flash_varlen_gqa(q, k, v, cu_seq_lens, max_length: int, scale: float):
                                                    True, False, scale=scale)[0]
 
 
-def equal_length_sdpa(q, k, v, examples: int, scale: float):
+def equal_length_sdpa(q, k, v, examples: int, scale: float, dropout: float = 0.0):
     """Causal attention over (tokens, heads, head_dim) tensors holding `examples` examples of one length back to
     back, as one batch of rows through SDPA: no mask, and key/value heads shared without copies (GQA).
 
     On Hopper, cuDNN's kernel goes first: on an H100 (torch 2.11, Llama-1B's 32/8 heads of 64, 16 x 1024
-    tokens) forward and backward took 1.01 ms against 1.69 ms for the flash varlen kernel (which needs the
-    key/value heads copied out, having no GQA in torch 2.11) and 1.36 ms for SDPA's flash kernel."""
+    tokens) forward and backward took 1.01 ms against 1.69 ms for the flash varlen kernel with the key/value
+    heads copied out and 1.34 ms for SDPA's flash kernel (docs/BENCHMARKS.md, tools/attention_speed.py)."""
     import torch.nn.functional as F
     from torch.nn.attention import sdpa_kernel
 
     tokens, heads, head_dim = q.shape
     rows = (t.view(examples, tokens // examples, t.shape[1], head_dim).transpose(1, 2) for t in (q, k, v))
-    priority = _sdpa_priority(q.device)
+    priority = _sdpa_priority() if q.is_cuda and _cudnn_first(q.device) else None
     with sdpa_kernel(priority, set_priority=True) if priority else contextlib.nullcontext():
-        out = F.scaled_dot_product_attention(*rows, is_causal=True, scale=scale, enable_gqa=k.shape[1] != heads)
+        out = F.scaled_dot_product_attention(*rows, is_causal=True, scale=scale, dropout_p=dropout,
+                                             enable_gqa=k.shape[1] != heads)
     return out.transpose(1, 2).reshape(tokens, heads, head_dim)
 
 
+def _cudnn_first(device) -> bool:
+    """Whether equal-length rows go to cuDNN's kernel first: on Hopper (where it was measured; on Blackwell a
+    cuDNN GQA fault is reported open, pytorch#193893) and unless the user switched cuDNN's SDPA off."""
+    import torch
+
+    return _hopper(device) and torch.backends.cuda.cudnn_sdp_enabled()
+
+
 @functools.cache
-def _sdpa_priority(device) -> list | None:
-    """SDPA's kernels in order of preference on Hopper, cuDNN first (measured there); elsewhere None: SDPA's
-    own order, without the context that sets it (about 20 us a call, which a small model's step feels)."""
+def _hopper(device) -> bool:
+    import torch
+
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def _sdpa_priority() -> list:
+    """SDPA's kernels the user left on, cuDNN first: the context costs about 20 us a call (felt by a small
+    model's step), so it is entered only where cuDNN goes first."""
     import torch
     from torch.nn.attention import SDPBackend
 
-    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
-        return None
-    return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    switches = ((SDPBackend.CUDNN_ATTENTION, torch.backends.cuda.cudnn_sdp_enabled),
+                (SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled),
+                (SDPBackend.EFFICIENT_ATTENTION, torch.backends.cuda.mem_efficient_sdp_enabled),
+                (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled))
+    return [backend for backend, enabled in switches if enabled()]
 
 
-def masked_sdpa(q, k, v, cu_seq_lens, scale: float):
+def masked_sdpa(q, k, v, cu_seq_lens, scale: float, dropout: float = 0.0):
     """The same result as `flash_varlen` through SDPA with a dense block-diagonal causal mask."""
     import torch
     import torch.nn.functional as F
@@ -189,5 +217,5 @@ def masked_sdpa(q, k, v, cu_seq_lens, scale: float):
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                         attn_mask=mask, scale=scale)
+                                         attn_mask=mask, scale=scale, dropout_p=dropout)
     return out.transpose(0, 1)

@@ -125,7 +125,9 @@ def test_packed_row_of_equal_examples_gives_each_its_own_loss(embedded_dir):
     model = models.load_base_model(embedded_dir, load_in_4bit=False, attention="varlen", precision="fp32").eval()
     batch = packed_batch(examples)
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        packed = model(**{key: batch[key] for key in ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k",
+                                                      "max_length_q", "max_length_k")},
+                       use_cache=False).logits[0]  # TRL's keys, as in training
         alone = torch.cat([model(input_ids=torch.tensor([ids])).logits[0] for ids in examples])
     torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-4)
 
@@ -150,16 +152,84 @@ def test_equal_examples_go_to_one_unmasked_batch_and_match_the_masked_reference(
         torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("capability, first", [((9, 0), "CUDNN_ATTENTION"), ((8, 0), None), (None, None)])
-def test_cudnn_goes_first_on_hopper_only(monkeypatch, capability, first):
-    """cuDNN's kernel was measured faster on an H100 only; elsewhere SDPA keeps its own order (no context)."""
+@pytest.mark.parametrize("capability, cudnn_on, first", [((9, 0), True, "CUDNN_ATTENTION"), ((9, 0), False, None),
+                                                          ((10, 0), True, None), ((8, 0), True, None)])
+def test_cudnn_goes_first_on_hopper_only_and_only_while_switched_on(monkeypatch, capability, cudnn_on, first):
+    """cuDNN's kernel was measured faster on an H100 only; elsewhere, or where the user switched cuDNN's SDPA
+    off, equal rows keep the flash varlen kernel and no context overrides the user's switches."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    attention._sdpa_priority.cache_clear()
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: cudnn_on)
+    monkeypatch.setattr(torch.backends.cuda, "mem_efficient_sdp_enabled", lambda: False)  # switched off by the user
+    attention._hopper.cache_clear()
     try:
-        priority = attention._sdpa_priority(torch.device("cuda" if capability else "cpu", 0 if capability else None))
+        chosen = attention._cudnn_first(torch.device("cuda", 0))
     finally:
-        attention._sdpa_priority.cache_clear()
-    assert (priority[0].name if priority else None) == first
+        attention._hopper.cache_clear()
+    assert chosen == (first is not None)
+    if chosen:
+        assert [backend.name for backend in attention._sdpa_priority()] == ["CUDNN_ATTENTION", "FLASH_ATTENTION",
+                                                                          "MATH"]
+
+
+def call_varlen(q, k, v, dropout=0.0, **kwargs):
+    return attention.varlen_attention_forward(None, q, k, v, None, dropout=dropout, scaling=0.3, **kwargs)[0]
+
+
+def qkv(tokens, seed=6):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(1, 4, tokens, 8, generator=generator), *(torch.randn(1, 2, tokens, 8, generator=generator)
+                                                                 for _ in range(2)))
+
+
+def test_ragged_examples_never_take_the_equal_length_path(monkeypatch):
+    monkeypatch.setattr(attention, "equal_length_sdpa", lambda *args: pytest.fail("ragged rows went to the batch"))
+    q, k, v = qkv(17)
+    cu_seq_lens = torch.tensor([0, 6, 12, 17], dtype=torch.int32)
+    got = call_varlen(q, k, v, cu_seq_lens_q=cu_seq_lens, max_length_q=6)  # TRL's keys, as in training
+    flat = [t[0].transpose(0, 1) for t in (q, k, v)]
+    torch.testing.assert_close(got[0], per_example_causal(*flat, cu_seq_lens, 0.3), rtol=1e-5, atol=1e-5)
+
+
+def test_a_row_opening_inside_an_example_keeps_that_piece_apart():
+    """position_ids 7, 8, 9, 0..4, 0..1: three pieces (the first continues an example begun in another row)."""
+    q, k, v = qkv(10)
+    got = call_varlen(q, k, v, position_ids=torch.tensor([[7, 8, 9, 0, 1, 2, 3, 4, 0, 1]]))
+    flat = [t[0].transpose(0, 1) for t in (q, k, v)]
+    want = per_example_causal(*flat, torch.tensor([0, 3, 8, 10]), 0.3)
+    torch.testing.assert_close(got[0], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lengths, path", [((6, 6, 6), "equal_length_sdpa"), ((6, 7, 5), "masked_sdpa")])
+def test_attention_dropout_keeps_packed_examples_apart(monkeypatch, lengths, path):
+    """A model with attention dropout in training: the packed row still goes through a path that keeps the
+    examples apart (not SDPA over the whole row), with the dropout passed on."""
+    calls = []
+    original = getattr(attention, path)
+
+    def spy(*args):
+        calls.append(args[-1])
+        return original(*args)
+
+    monkeypatch.setattr(attention, path, spy)
+    q, k, v = qkv(sum(lengths))
+    cu_seq_lens = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+    torch.manual_seed(0)
+    got = call_varlen(q, k, v, dropout=0.5, cu_seq_lens_q=cu_seq_lens, max_length_q=max(lengths))
+    assert calls == [0.5]
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, :lengths[0]] += 1.0  # change the first example: the later ones' outputs must not move
+    v2[:, :, :lengths[0]] += 1.0
+    torch.manual_seed(0)
+    again = call_varlen(q, k2, v2, dropout=0.5, cu_seq_lens_q=cu_seq_lens, max_length_q=max(lengths))
+    assert not torch.allclose(again[0, :lengths[0]], got[0, :lengths[0]])
+    torch.testing.assert_close(again[0, lengths[0]:], got[0, lengths[0]:])
+
+
+@pytest.mark.parametrize("argument", [{"softcap": 30.0}, {"sliding_window": 4096}, {"s_aux": torch.zeros(4)}])
+def test_arguments_varlen_cannot_apply_are_refused_by_name(argument):
+    q, k, v = qkv(12)
+    with pytest.raises(ValueError, match=next(iter(argument))):
+        call_varlen(q, k, v, position_ids=torch.arange(6).repeat(2)[None], **argument)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
