@@ -149,8 +149,9 @@ def flash_varlen(q, k, v, cu_seq_lens, max_length: int, scale: float):
 
 def flash_varlen_gqa(q, k, v, cu_seq_lens, max_length: int, scale: float):
     """The kernel under `varlen_attn`, called directly where this PyTorch's `varlen_attn` has no GQA (torch
-    2.11): the kernel shares key/value heads itself. Copying them out for `varlen_attn` instead cost 1.63 ms
-    against 1.46 ms a layer's forward and backward (H100, Llama-1B's 32/8 heads, 16,384 tokens of 32 examples)."""
+    2.11): the kernel shares key/value heads itself. Copying them out for `varlen_attn` instead cost 1.61 ms
+    against 1.43 ms a layer's forward and backward (H100, Llama-1B's 32/8 heads, 16,384 tokens of 29 examples;
+    tools/attention_speed.py)."""
     import torch
 
     return torch.ops.aten._flash_attention_forward(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, 0.0,
@@ -169,7 +170,7 @@ def equal_length_sdpa(q, k, v, examples: int, scale: float, dropout: float = 0.0
 
     tokens, heads, head_dim = q.shape
     rows = (t.view(examples, tokens // examples, t.shape[1], head_dim).transpose(1, 2) for t in (q, k, v))
-    priority = _sdpa_priority() if q.is_cuda and _cudnn_first(q.device) else None
+    priority = _sdpa_priority() if _cudnn_first(q.device) else None
     with sdpa_kernel(priority, set_priority=True) if priority else contextlib.nullcontext():
         out = F.scaled_dot_product_attention(*rows, is_causal=True, scale=scale, dropout_p=dropout,
                                              enable_gqa=k.shape[1] != heads)

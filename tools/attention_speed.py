@@ -47,7 +47,8 @@ def ragged_lengths(tokens: int, longest: int, seed: int = 1) -> list[int]:
 
 
 def variants(equal: bool, groups: int) -> dict:
-    """name -> f(q, k, v, cu_seq_lens, longest, scale); the first is what lib/attention.py runs."""
+    """name -> f(q, k, v, cu_seq_lens, longest, scale); the first is what lib/attention.py runs (equal rows: SDPA
+    with cuDNN first on Hopper, the flash varlen kernel on other GPUs; ragged rows: the flash varlen kernel)."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -63,11 +64,15 @@ def variants(equal: bool, groups: int) -> dict:
             return out.transpose(1, 2).reshape(q.shape)
         return run
 
+    def project(q, k, v, cu, longest, scale):  # the attention function transformers calls, on a packed row
+        query, key, value = (t.transpose(0, 1)[None] for t in (q, k, v))
+        return attention.varlen_attention_forward(None, query, key, value, None, scaling=scale, cu_seq_lens_q=cu,
+                                                  max_length_q=longest)[0][0]
+
     if not equal:
-        return {"project: flash varlen, heads shared": attention.flash_varlen,
+        return {"project (lib/attention.py's dispatch)": project,
                 "flash varlen, heads copied": copied}
-    return {"project: batch of rows (SDPA, cuDNN first on Hopper)":
-            lambda q, k, v, cu, longest, scale: attention.equal_length_sdpa(q, k, v, cu.numel() - 1, scale),
+    return {"project (lib/attention.py's dispatch)": project,
             "flash varlen, heads copied": copied,
             "flash varlen, heads shared": attention.flash_varlen,
             "SDPA flash, batch of rows": batch_of_rows(SDPBackend.FLASH_ATTENTION),
