@@ -170,3 +170,30 @@ def _short(value) -> str:
         value = sorted(value)
     text = str(value).replace("torch.", "")
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def schema_check_table(splits: dict[str, list[dict]]) -> Table:
+    """SQL rows: the schema leak check of each split (lib/tasks/sql_schema.py), with its verdict."""
+    from lib.tasks.sql_schema import check_schemas
+
+    lines = []
+    for label, rows in splits.items():
+        check = check_schemas(rows)
+        lines.append({"rows": label, "count": check.rows, "with an unused column": check.unused_share,
+                      "columns a row": check.mean_columns, "unused a row": check.mean_unused,
+                      "verdict": "looks pruned: scores here reward using every column" if check.looks_pruned
+                      else "whole tables"})
+    return Table(lines)
+
+
+def pruned_vs_whole_table(row: dict) -> Table:
+    """One SQL row with its whole table beside the same row pruned as sql-create-context prunes it."""
+    from lib.tasks.sql_schema import prune_schema, unused_columns
+
+    pruned = prune_schema(row)
+    return Table([{"schema": "whole table (as a user gives it)", "context": row["context"],
+                   "columns the answer does not use": ", ".join(unused_columns(row)) or "-"},
+                  {"schema": "pruned (sql-create-context)", "context": pruned["context"],
+                   "columns the answer does not use": ", ".join(unused_columns(pruned)) or "-"},
+                  {"schema": "question / answer", "context": f"{row['question']}\n{row['answer']}",
+                   "columns the answer does not use": ""}])

@@ -90,6 +90,9 @@ def score_file(args: argparse.Namespace) -> dict:
     if args.rows < 1:
         raise ConfigError("--rows", args.rows, "a positive number of rows")
     rows = read_rows(args.data, task, column_map)[:args.rows]
+    data_warnings = task.data_warnings(rows, f"the scored rows of {args.data}")
+    for warning in data_warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     adapters = named_adapters(args.adapter)
     base_model = args.base_model or trained_base_model(adapters)
     evaluator = Evaluator(resolve_base_model(base_model), load_in_4bit=not args.no_4bit)
@@ -121,6 +124,8 @@ def score_file(args: argparse.Namespace) -> dict:
         "adapter_dirs": {name: str(folder) for name, folder in adapters.items()},
         "prompt_formats": {BASE: formats, **evaluator.adapter_formats},
         "baselines": {name: task.score(predictions, rows) for name, predictions in task.baselines(rows).items()},
+        "data_check": task.data_check(rows),
+        "warnings": data_warnings,
         "examples": [{"prompt": first_format.prompt(row), "reference": row[task.answer_field],
                       **{label: texts[index] for label, texts in answers.items()}}
                      for index, row in enumerate(rows[:args.examples])],

@@ -20,6 +20,7 @@ To score saved adapters on a file without training, see lib/evaluate.py.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from lib import runs, tracking
@@ -130,6 +131,8 @@ class Evaluator:
         `prompt_format` says otherwise), the task's baselines, and a few example answers side by side."""
         fmt = self.adapter_format(task, adapter) if prompt_format is None else self.prompt_format(task, prompt_format)
         prompt_format = fmt.name
+        for warning in task.data_warnings(rows, "the scored rows"):
+            warnings.warn(warning, stacklevel=2)
         base_answers = self.answers(fmt, rows, BASE)
         adapter_answers = self.answers(fmt, rows, adapter)
         return {
@@ -141,6 +144,7 @@ class Evaluator:
             "base": task.score(base_answers, rows),
             "adapter": task.score(adapter_answers, rows),
             "baselines": {name: task.score(answers, rows) for name, answers in task.baselines(rows).items()},
+            "data_check": task.data_check(rows),
             "examples": [{"prompt": fmt.prompt(row), "reference": row[task.answer_field],
                           "base": base, "adapter": tuned}
                          for row, base, tuned in list(zip(rows, base_answers, adapter_answers))[:examples]],

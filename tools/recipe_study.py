@@ -50,6 +50,7 @@ def run_variant(args: argparse.Namespace, name: str, overrides: dict) -> dict:
                          "split": args.eval_split, "rows": report["rows"]},
         "recipe": args.recipe, "prompt_format": config.prompt_format, "overrides": settings,
         "metrics": {"base": report["base"], "adapter": report["adapter"], **report["baselines"]},
+        "data_check": report.get("data_check", {}),
         "steps": record["global_step"], "train_tokens": record["train_tokens"],
         "train_wall_s": round(trained_s, 1), "total_wall_s": round(time.perf_counter() - started, 1),
         "tokens_per_s": record["tokens_per_s"], "peak_memory_gib": record["peak_memory_gib"],

@@ -4,7 +4,8 @@
     python tools/render_notebooks.py --check    # exit 1 naming every file that differs from its rendering
 
 The source: notebooks/templates/task.ipynb (every cell the task notebooks share, with {{placeholders}}),
-notebooks/templates/<task>/*.md (the prose that differs: intro, data, metrics, an optional packing_note),
+notebooks/templates/<task>/*.md (the prose that differs: intro, data, metrics, an optional packing_note) and
+optional task-only cells (data_check.md and data_check.py: a cell left empty is dropped),
 the task's CPU recipe (lib/tasks: the defaults of the parameters cell) and JOB_TEMPLATE below. Edit
 those, then render; tests/test_notebooks.py fails while a committed notebook or job differs.
 """
@@ -25,7 +26,8 @@ from lib.config import RunConfig  # noqa: E402
 from lib.tasks import TASKS  # noqa: E402
 
 TEMPLATES = ROOT / "notebooks" / "templates"
-PARTS = ("intro", "data", "metrics", "packing_note")  # notebooks/templates/<task>/<part>.md ("" when absent)
+PARTS = {"intro": "intro.md", "data": "data.md", "metrics": "metrics.md", "packing_note": "packing_note.md",
+         "data_check_md": "data_check.md", "data_check_code": "data_check.py"}  # in notebooks/templates/<task>/ ("" when absent)
 RECIPE_PARAMETERS = ("task", "train_rows", "learning_rate", "num_epochs", "batch_size", "max_seq_length", "packing")
 COMMENT_COLUMN = 36  # where the parameters cell's comments start
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
@@ -61,8 +63,8 @@ def literal(value) -> str:
 def values(task: str) -> dict[str, str]:
     config = RunConfig.for_task(task, "cpu")
     found = {name: literal(getattr(config, name)) for name in RECIPE_PARAMETERS}
-    for part in PARTS:
-        path = TEMPLATES / task / f"{part}.md"
+    for part, file_name in PARTS.items():
+        path = TEMPLATES / task / file_name
         text = path.read_text(encoding="utf-8").rstrip("\n") if path.is_file() else ""
         found[part] = ("\n\n" + text) if part == "packing_note" and text else text
     return found
@@ -87,11 +89,16 @@ def aligned(cell_text: str) -> str:
 def render_notebook(task: str) -> str:
     notebook = json.loads((TEMPLATES / "task.ipynb").read_text(encoding="utf-8"))
     found = values(task)
+    cells = []
     for cell in notebook["cells"]:
         text = fill("".join(cell["source"]), found)
+        if not text.strip():
+            continue  # a task-only cell this task does not have
         if "parameters" in cell.get("metadata", {}).get("tags", []):
             text = aligned(text)
         cell["source"] = text.splitlines(keepends=True)
+        cells.append(cell)
+    notebook["cells"] = cells
     return json.dumps(notebook, indent=1, ensure_ascii=False) + "\n"
 
 

@@ -53,6 +53,15 @@ class Task(ABC):
         base model that rambles on is scored on what it wrote."""
         return generated.strip()
 
+    def data_check(self, rows: list[dict]) -> dict:
+        """Figures that say whether rows test the skill as users' inputs would (SQL: the share of rows whose
+        schema has columns the answer does not use); {} when the task has none."""
+        return {}
+
+    def data_warnings(self, rows: list[dict], source: str = "these rows") -> list[str]:
+        """Warnings for rows to score on that carry an artifact a user's input would not (SQL: pruned schemas)."""
+        return []
+
     def baselines(self, rows: list[dict]) -> dict[str, list[str]]:
         """Answers of trivial systems every report should beat, by name (e.g. detox: copy the input)."""
         return {}

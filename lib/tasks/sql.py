@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from .base import Task, exact_match_rate
+from .sql_schema import check_schemas, pruned_warning
 from .sql_wiki import wiki_row
 
 PEOPLE = (
@@ -586,6 +587,13 @@ class SqlTask(Task):
             distractor = rng.choice([t for t in TABLES if t != table])
             statements.insert(rng.randint(0, 1), distractor.create_statement)
         return {"context": "; ".join(statements), "question": question, "answer": answer}
+
+    def data_check(self, rows: list[dict]) -> dict:
+        return {"schema": check_schemas(rows).as_dict()} if rows else {}
+
+    def data_warnings(self, rows: list[dict], source: str = "these rows") -> list[str]:
+        warning = pruned_warning(check_schemas(rows), source) if rows else None
+        return [warning] if warning else []
 
     def compute_metrics(self, predictions: list[str], rows: list[dict]) -> dict[str, float]:
         """exact_match compares normalize_sql forms; executable and execution_match

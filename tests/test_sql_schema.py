@@ -1,0 +1,188 @@
+"""Whole schemas for SQL: the leak check, the generator's tables, the public-data tool (tools/sql_data.py) on
+small fixtures in the public files' formats, and the warning for pruned dev rows."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lib.tasks import get_task
+from lib.tasks.sql import run_query
+from lib.tasks.sql_schema import (PRUNED_BELOW, check_schemas, prune_schema, pruned_warning, schema_tables,
+                                  unused_columns)
+
+REPO = Path(__file__).resolve().parents[1]
+SQL = get_task("sql")
+
+WHOLE = {"context": "CREATE TABLE table_10015132_11 (player VARCHAR, no VARCHAR, nationality VARCHAR, "
+                    "position VARCHAR, years_in_toronto VARCHAR, school_club_team VARCHAR)",
+         "question": "What position does the player who played for butler cc (ks) play?",
+         "answer": 'SELECT position FROM table_10015132_11 WHERE school_club_team = "butler cc (ks)"'}
+
+
+def test_unused_columns_of_a_whole_table_and_of_its_pruned_form():
+    assert unused_columns(WHOLE) == ["player", "no", "nationality", "years_in_toronto"]
+    pruned = prune_schema(WHOLE)
+    assert pruned["context"] == ("CREATE TABLE table_10015132_11 (position VARCHAR, school_club_team VARCHAR)")
+    assert unused_columns(pruned) == []
+    assert pruned["answer"] == WHOLE["answer"] and pruned["question"] == WHOLE["question"]
+
+
+def test_values_and_keywords_do_not_count_as_used_columns():
+    row = {"context": "CREATE TABLE t (name VARCHAR, paris VARCHAR, count REAL)",
+           "answer": 'SELECT COUNT(*) FROM t WHERE name = "paris"'}
+    assert unused_columns(row) == ["paris"]  # "paris" is only a value; COUNT(*) names the count column
+    assert schema_tables("CREATE TABLE a (x INTEGER, y DECIMAL(10, 2), PRIMARY KEY (x)); CREATE TABLE b (z TEXT)") \
+        == {"a": ["x", "y"], "b": ["z"]}
+
+
+def test_only_the_queried_tables_count():
+    row = {"context": "CREATE TABLE people (name VARCHAR, age INTEGER); CREATE TABLE pets (kind VARCHAR, legs INTEGER)",
+           "answer": "SELECT name FROM people WHERE age > 3"}
+    assert unused_columns(row) == []  # the unrelated table's columns are not the answer's to use
+
+
+def test_check_measures_the_share_and_calls_a_pruned_file_pruned():
+    pruned = [prune_schema(WHOLE)] * 3
+    check = check_schemas(pruned + [WHOLE])
+    assert (check.rows, check.rows_with_unused, check.unused_share) == (4, 1, 0.25)
+    assert check.looks_pruned and check.unused_share < PRUNED_BELOW
+    assert "look pruned" in pruned_warning(check, "dev.jsonl") and "25%" in pruned_warning(check)
+    whole = check_schemas([WHOLE] * 3 + pruned[:1])
+    assert not whole.looks_pruned and pruned_warning(whole) is None
+    with pytest.raises(ValueError, match="at least one row"):
+        check_schemas([])
+
+
+def test_generated_rows_show_whole_tables_with_most_columns_unused():
+    rows = SQL.generate(1000, seed=3)
+    check = check_schemas(rows)
+    assert check.unused_share >= 0.8, check
+    assert check.mean_unused >= 0.5 * check.mean_columns, check
+    widths = [len(schema_tables(row["context"])[next(iter(schema_tables(row["context"])))]) for row in rows
+              if row["context"].startswith("CREATE TABLE table_")]
+    assert min(widths) >= 4 and max(widths) == 12
+    assert SQL.data_warnings(rows) == [] and not SQL.data_check(rows)["schema"]["looks_pruned"]
+    assert len(SQL.data_warnings([prune_schema(row) for row in rows])) == 1
+
+
+def test_generated_wiki_schemas_are_not_typed_by_what_the_query_does():
+    """sql-create-context types a column INTEGER exactly when the answer aggregates it: a hint users' tables
+    do not give. Here a numeric column is REAL or VARCHAR whatever the query does with it."""
+    rows = [row for row in SQL.generate(1500, seed=5) if row["context"].startswith("CREATE TABLE table_")]
+    aggregated = [row for row in rows if any(f"{f}(" in row["answer"] for f in ("MAX", "MIN", "AVG", "SUM"))]
+    assert aggregated
+    reals_unused = sum(" REAL" in row["context"] and any(
+        f"{column} REAL" in row["context"] for column in unused_columns(row)) for row in rows)
+    assert reals_unused > len(rows) // 4  # numeric columns the query never touches are typed like used ones
+
+
+# ---- tools/sql_data.py on fixtures in the public formats ------------------------------------------------
+
+TABLE = {"id": "1-10015132-11", "header": ["Player", "No.", "Nationality", "Position", "Years in Toronto",
+                                           "School/Club Team", "1st leg", "Group", "Points"],
+         "types": ["text", "text", "text", "text", "text", "text", "text", "text", "real"],
+         "rows": [["Antonio Lang", "21", "United States", "Guard-Forward", "1999-2000", "Duke", "2-1", "A", 3],
+                  ["Martin Lewis", "32, 44", "United States", "Guard-Forward", "1996-97", "Butler CC (KS)", "0-0", "B", 7],
+                  ["Brad Lohaus", "33", "United States", "Forward-Center", "1996", "Iowa", "1-1", "A", 12]]}
+QUESTIONS = [
+    {"phase": 1, "table_id": "1-10015132-11", "question": "What position does the player who played for butler cc (ks) play?",
+     "sql": {"sel": 3, "agg": 0, "conds": [[5, 0, "butler cc (ks)"]]}},
+    {"phase": 1, "table_id": "1-10015132-11", "question": "How many  players in group a have more than 5 points?",
+     "sql": {"sel": 0, "agg": 3, "conds": [[7, 0, "a"], [8, 1, 5]]}},
+    {"phase": 1, "table_id": "1-10015132-11", "question": "Highest points with a 1st leg of 2-1?",
+     "sql": {"sel": 8, "agg": 1, "conds": [[6, 0, "2-1"]]}},
+    {"phase": 1, "table_id": "2-missing-1", "question": "A question whose table is not in the file?",
+     "sql": {"sel": 0, "agg": 0, "conds": [[1, 0, "x"]]}},
+]
+
+
+def write_wikisql(root: Path) -> Path:
+    data = root / "data"
+    data.mkdir(parents=True)
+    for split in ("train", "dev", "test"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS), encoding="utf-8")
+        (data / f"{split}.tables.jsonl").write_text(json.dumps(TABLE) + "\n", encoding="utf-8")
+    return root
+
+
+def run_tool(*args):
+    return subprocess.run([sys.executable, "tools/sql_data.py", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_wikisql_rows_keep_the_whole_table_in_its_order(tmp_path):
+    clone = write_wikisql(tmp_path / "clone")
+    done = run_tool("wikisql", clone, "--out", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    for split in ("train", "dev", "test"):  # splits kept as published
+        assert f"{split}: 3 rows (skipped: 1 its table is not in the tables file)" in done.stdout
+    rows = read(tmp_path / "out" / "dev.jsonl")
+    assert rows[0]["context"] == (
+        "CREATE TABLE table_10015132_11 (player VARCHAR, no VARCHAR, nationality VARCHAR, position VARCHAR, "
+        "years_in_toronto VARCHAR, school_club_team VARCHAR, _1st_leg VARCHAR, group_ VARCHAR, points REAL)")
+    assert rows[0]["answer"] == 'SELECT position FROM table_10015132_11 WHERE school_club_team = "butler cc (ks)"'
+    assert rows[1]["answer"] == 'SELECT COUNT(player) FROM table_10015132_11 WHERE group_ = "a" AND points > 5'
+    assert rows[1]["question"] == "How many players in group a have more than 5 points?"
+    assert rows[2]["answer"] == 'SELECT MAX(points) FROM table_10015132_11 WHERE _1st_leg = "2-1"'
+    assert rows[0]["source"] == "wikisql dev 1-10015132-11"
+    for row in rows:  # every reference runs in SQLite (sql-create-context's `1st_leg` and `group` do not)
+        assert run_query(row["context"], row["answer"], row["answer"]) is not None, row
+    assert check_schemas(rows).unused_share == 1.0 and "100% of rows" in done.stdout
+    assert "the reference runs in SQLite on 3 of the first 3" in done.stdout
+    loaded = SQL.score([row["answer"] for row in rows], rows)  # the task reads and scores the rows as they are
+    assert loaded["exact_match"] == 1.0 and loaded["execution_match"] == 1.0
+
+
+def test_wikisql_sample_rows_and_the_pruned_form(tmp_path):
+    clone = write_wikisql(tmp_path / "clone")
+    assert run_tool("wikisql", clone, "--out", tmp_path / "rows", "--sample-rows", "2").returncode == 0
+    row = read(tmp_path / "rows" / "dev.jsonl")[0]
+    assert row["context"].endswith(" /* 2 example rows: Antonio Lang | 21 | United States | Guard-Forward | "
+                                   "1999-2000 | Duke | 2-1 | A | 3; Martin Lewis | 32, 44 | United States | "
+                                   "Guard-Forward | 1996-97 | Butler CC (KS) | 0-0 | B | 7 */")
+    assert run_query(row["context"], row["answer"], row["answer"]) is not None  # the comment is harmless SQL
+    assert unused_columns(row) == ["player", "no", "nationality", "years_in_toronto", "_1st_leg", "group_",
+                                   "points"]
+    done = run_tool("wikisql", clone, "--out", tmp_path / "pruned", "--pruned")
+    assert "looks pruned" in done.stdout
+    pruned = read(tmp_path / "pruned" / "dev.jsonl")
+    assert pruned[0]["context"] == "CREATE TABLE table_10015132_11 (position VARCHAR, school_club_team VARCHAR)"
+    checked = run_tool("check", tmp_path / "pruned" / "dev.jsonl", tmp_path / "rows" / "dev.jsonl")
+    lines = checked.stdout.splitlines()
+    assert '"looks_pruned": true' in lines[0] and '"looks_pruned": false' in lines[1]
+
+
+def test_spider_rows_carry_every_table_of_the_database(tmp_path):
+    clone = tmp_path / "spider"
+    clone.mkdir()
+    (clone / "tables.json").write_text(json.dumps([{
+        "db_id": "pets_1", "table_names_original": ["Student", "Has_Pet", "Pets"],
+        "column_names_original": [[-1, "*"], [0, "StuID"], [0, "LName"], [0, "Age"], [1, "StuID"], [1, "PetID"],
+                                  [2, "PetID"], [2, "PetType"], [2, "weight"]],
+        "column_types": ["text", "number", "text", "number", "number", "number", "number", "text", "number"]}]))
+    (clone / "dev.json").write_text(json.dumps([{
+        "db_id": "pets_1", "question": "How many dogs are there?",
+        "query": "SELECT count(*) FROM Pets WHERE PetType = 'dog';"}]))
+    done = run_tool("spider", clone, "--out", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    row = read(tmp_path / "out" / "dev.jsonl")[0]
+    assert row["context"] == ("CREATE TABLE Student (StuID REAL, LName VARCHAR, Age REAL); CREATE TABLE Has_Pet "
+                              "(StuID REAL, PetID REAL); CREATE TABLE Pets (PetID REAL, PetType VARCHAR, weight REAL)")
+    assert row["answer"] == "SELECT count(*) FROM Pets WHERE PetType = 'dog'"
+    assert unused_columns(row) == ["petid", "weight"]
+    assert run_query(row["context"], row["answer"], row["answer"]) is not None
+
+
+def test_the_tool_names_a_missing_clone(tmp_path):
+    done = run_tool("wikisql", tmp_path / "nowhere", "--out", tmp_path / "out")
+    assert done.returncode == 2 and "nowhere" in done.stderr and "Traceback" not in done.stderr
+    (tmp_path / "empty").mkdir()
+    done = run_tool("wikisql", tmp_path / "empty", "--out", tmp_path / "out")
+    assert done.returncode == 2 and "no wikisql files" in done.stderr
