@@ -353,6 +353,8 @@ def _with_absolute_paths(config: RunConfig) -> RunConfig:
     changes = {"output_dir": str(_expanded("output_dir", config.output_dir).resolve())}
     if config.data not in ("embedded", "hub"):
         changes["data"] = str(Path(config.data).resolve())
+    if config.eval_data:  # a held-out file resolves where the caller is, like data (it did not: issue 32)
+        changes["eval_data"] = str(_expanded("eval_data", config.eval_data).resolve())
     if _expanded("base_model", config.base_model).is_dir():
         changes["base_model"] = str(_expanded("base_model", config.base_model).resolve())
     return config.replace(**changes)

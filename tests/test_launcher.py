@@ -485,3 +485,17 @@ def test_workers_from_env_reads_the_variable_or_a_given_value(monkeypatch):
     monkeypatch.setenv("NUM_GPU_WORKERS", "2")
     assert workers_from_env() == 2
     assert workers_from_env(" 3 ") == 3
+
+
+def test_data_and_eval_data_reach_the_workers_as_absolute_paths(tmp_path, monkeypatch):
+    """Workers start in the repository root: a relative held-out file must resolve where the caller is, as the
+    training file does (eval_data was left relative once)."""
+    from lib.config import RunConfig
+    from lib.launcher import _with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    config = RunConfig.from_dict({"task": "sql", "data": "train.jsonl", "eval_data": "dev.jsonl", "output_dir": "out"})
+    absolute = _with_absolute_paths(config)
+    assert absolute.data == str(tmp_path / "train.jsonl") and absolute.eval_data == str(tmp_path / "dev.jsonl")
+    assert absolute.output_dir == str(tmp_path / "out")
+    assert _with_absolute_paths(config.replace(eval_data="")).eval_data == ""

@@ -9,6 +9,8 @@ A variant is NAME or NAME:setting=value,setting=value on top of the task's recip
 auto) and the --set overrides. Each one trains with the FineTuner, scores base model, adapter and the task's
 baselines on the same held-out rows, and appends one JSON line to --out in the shape of docs/quality.json
 (task, model, trained_on, evaluated_on, recipe, metrics, date) plus the settings, steps, tokens and timings.
+With --test FILE the adapter is also scored, once, on that file's first --test-rows rows (the untouched split,
+for the final adapters only); the row keeps it apart, under "test".
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def run_variant(args: argparse.Namespace, name: str, overrides: dict) -> dict:
     report = evaluate_run(tuner.config, tuner.eval_rows, tuner.model_path)
     record = result.record
     config = tuner.config
-    return {
+    test = score_test(args, tuner) if args.test else None
+    row = {
         "task": args.task, "variant": name,
         "model": config.base_model if config.base_model != "embedded" else "SmolLM2-135M-Instruct (embedded)",
         "trained_on": {"source": args.train_label or config.data, "rows": record["train_rows"]},
@@ -56,6 +59,25 @@ def run_variant(args: argparse.Namespace, name: str, overrides: dict) -> dict:
         "tokens_per_s": record["tokens_per_s"], "peak_memory_gib": record["peak_memory_gib"],
         "device": record["device"], "date": time.strftime("%Y-%m-%d"), "examples": report["examples"][:3],
     }
+    if test:
+        row["test"] = test
+    return row
+
+
+def score_test(args: argparse.Namespace, tuner: FineTuner) -> dict:
+    """Base and adapter on the test file's first --test-rows rows, in the adapter's prompt format."""
+    from lib.data import read_rows
+    from lib.evaluation import Evaluator
+    from lib.tasks import get_task
+
+    task = get_task(args.task)
+    rows = read_rows(args.test, task, tuner.config.column_map)[:args.test_rows]
+    evaluator = Evaluator(tuner.model_path, tuner.config.load_in_4bit)
+    evaluator.attach(args.task, tuner.config.run_dir / "adapter")
+    report = evaluator.compare(task, rows, adapter=args.task, prompt_format=tuner.config.prompt_format)
+    return {"source": args.test_label or args.test, "split": "test", "rows": len(rows),
+            "metrics": {"base": report["base"], "adapter": report["adapter"], **report["baselines"]},
+            "data_check": report["data_check"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-label", default="", help="what the training data is, for the record")
     parser.add_argument("--eval-label", default="", help="what the evaluation data is, for the record")
     parser.add_argument("--eval-split", default="dev", help="which split the evaluation rows are")
+    parser.add_argument("--test", default="", help="a test file the adapter is also scored on, once, at the end")
+    parser.add_argument("--test-rows", type=int, default=1000, help="rows of --test scored (its first ones)")
+    parser.add_argument("--test-label", default="", help="what the test data is, for the record")
     parser.add_argument("--output-dir", default="runs/recipe-study")
     parser.add_argument("--out", default="docs/quality_runs.jsonl")
     args = parser.parse_args(argv)
@@ -76,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
         print(f"{args.task} {name}: {json.dumps(row['metrics'])} ({row['train_tokens']} tokens, "
-              f"{row['steps']} steps, {row['train_wall_s']} s, {row['tokens_per_s']} tokens/s)", flush=True)
+              f"{row['steps']} steps, {row['train_wall_s']} s, {row['tokens_per_s']} tokens/s)"
+              + (f"; test: {json.dumps(row['test']['metrics']['adapter'])}" if "test" in row else ""), flush=True)
     return 0
 
 

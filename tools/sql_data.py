@@ -3,15 +3,24 @@
     python tools/sql_data.py wikisql CLONE --out data/sql-full                  # train/dev/test.jsonl
     python tools/sql_data.py wikisql CLONE --out data/sql-rows --sample-rows 3  # with 3 rows of each table
     python tools/sql_data.py wikisql CLONE --out data/sql-pruned --pruned       # as sql-create-context prunes
+    python tools/sql_data.py wikisql-rebuilt wikisql.json.bz2 --out data/sql-full  # train, tables rebuilt
     python tools/sql_data.py spider CLONE --out data/spider                     # whole databases, joins
+    python tools/sql_data.py generated --rows 8000 --sample-rows 3 --out data/gen-rows  # the generator's rows
     python tools/sql_data.py check data/sql-full/dev.jsonl ...                  # the schema leak check
 
 CLONE is a local folder holding the public files anywhere below it: for WikiSQL (github salesforce/WikiSQL's
 data.tar.bz2 unpacked, or a copy in its format) `train.jsonl`, `dev.jsonl`, `test.jsonl` with their
-`<split>.tables.jsonl` (or `<split>_tables.jsonl`); for Spider `tables.json` with `train_spider.json`,
+`<split>.tables.jsonl` (or `<split>_tables.jsonl`; also the zero-shot `<split>_zs.jsonl` with
+`<split>_zs.tables.jsonl`); for Spider `tables.json` with `train_spider.json`,
 `dev.json` (and `test.json` where present). Splits are kept as published. Each output row has the task's
 fields: `context` (every table's CREATE TABLE, every column in the table's own order: never pruned to the
 answer), `question` and `answer` (SQLite), plus `source` (set, split, table or database id).
+
+Public copies of WikiSQL's train split whose tables files can be fetched are rare; `wikisql-rebuilt` takes
+the copy in github jkkummerfeld/text2sql-data (`data/wikisql.json.bz2`: every question of every split with its
+query by column index and by header name) and rebuilds each train table: the headers its questions use, at
+their published positions, and the positions no question names filled with headers of other real train tables
+(the widening the leak check asks for: a whole-looking table, most columns unused).
 
 Column names follow sql-create-context (`School/Club Team` -> `school_club_team`, `Win %` ->
 `win__percentage`) and are made valid SQLite names where that set's are not (`1st leg` -> `_1st_leg`,
@@ -124,9 +133,12 @@ def wikisql_splits(root: Path, sample_rows: int) -> dict[str, tuple[list[dict], 
     """{split: (rows, skipped reasons)} for each split whose questions and tables are below root."""
     splits = {}
     for split in SPLITS:
-        questions = find_file(root, (f"{split}.jsonl",))
-        tables = find_file(root, (f"{split}.tables.jsonl", f"{split}_tables.jsonl"))
-        if questions is None or tables is None:
+        for stem in (split, f"{split}_zs"):
+            questions = find_file(root, (f"{stem}.jsonl",))
+            tables = find_file(root, (f"{stem}.tables.jsonl", f"{stem}_tables.jsonl"))
+            if questions is not None and tables is not None:
+                break
+        else:
             continue
         by_id = {table["id"]: table for table in read_jsonl(tables)}
         rows, skipped = [], Counter()
@@ -136,10 +148,144 @@ def wikisql_splits(root: Path, sample_rows: int) -> dict[str, tuple[list[dict], 
                 skipped["its table is not in the tables file"] += 1
                 continue
             row = wikisql_row(question, table, sample_rows)
-            row["source"] = f"wikisql {split} {question['table_id']}"
+            row["source"] = f"wikisql {questions.stem} {question['table_id']}"
             rows.append(row)
         splits[split] = (rows, skipped)
     return splits
+
+
+# jkkummerfeld/text2sql-data's WikiSQL: "sql" names header fields (`SCHOOL/CLUB_TEAM_FIELD`, values as variables
+# var0.. in the order of "sql-original"'s conditions), "sql-original" gives column indices (`col5`)
+_REBUILT_QUERY = re.compile(r"^SELECT (?:(MAX|MIN|COUNT|SUM|AVG) )?(?:TABLEalias0\.)?(\S+)_FIELD FROM TABLE AS "
+                            r"TABLEalias0(?: WHERE (.*?))? ;$")
+_REBUILT_CONDITION = re.compile(r"^(?:TABLEalias0\.)?(\S+)_FIELD (=|<|>) (\"var\d+\"|var\d+|\S.*)$")
+_ORIGINAL_QUERY = re.compile(r"^SELECT\s+(?:(?:MAX|MIN|COUNT|SUM|AVG)\s+)?col(\d+) FROM table(?: WHERE (.*))?$")
+EXTRA_COLUMNS = (0, 3)  # columns added after the last known one of a rebuilt table, at least and at most
+
+
+def field_header(field: str) -> str:
+    """`SCHOOL/CLUB_TEAM` -> `school/club team`: the header as far as the field name keeps it."""
+    return field.replace("_", " ").lower()
+
+
+def read_rebuilt_source(path: Path) -> list[dict]:
+    import bz2
+
+    opener = bz2.open if path.suffix == ".bz2" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def rebuilt_splits(path: Path, splits: tuple[str, ...], seed: int = 0) -> dict[str, tuple[list[dict], Counter]]:
+    """{split: (rows, skipped)} with each table rebuilt from what the questions of its split name."""
+    import random
+
+    entries = read_rebuilt_source(path)
+    positions: dict[str, dict[int, str]] = {}  # table id -> {column index: header}
+    questions: dict[str, list] = {split: [] for split in splits}
+    skipped = {split: Counter() for split in splits}
+    for entry in entries:
+        query = _REBUILT_QUERY.match(entry["sql"][0])
+        for sentence in entry["sentences"]:
+            split = sentence["question-split"]
+            if split not in questions:
+                continue
+            if query is None:
+                skipped[split]["a query not in the single-table form"] += 1
+                continue
+            questions[split].append((sentence, query))
+        original = _ORIGINAL_QUERY.match(entry["sql-original"][0])
+        if query is None or original is None or len(entry["sentences"]) != 1:
+            continue  # an index is tied to a name only where one question shares the query
+        table = positions.setdefault(entry["sentences"][0]["table-id"], {})
+        table[int(original.group(1))] = field_header(query.group(2))
+        indices = re.findall(r"(?:^|\s)col(\d+) [=<>] ", original.group(2) or "")
+        conditions = [_REBUILT_CONDITION.match(c) for c in (query.group(3) or "").split(" AND ")] if query.group(3) else []
+        for condition in conditions:
+            variable = re.fullmatch(r'"?var(\d+)"?', condition.group(3)) if condition else None
+            if variable and int(variable.group(1)) < len(indices):
+                table[int(indices[int(variable.group(1))])] = field_header(condition.group(1))
+    pool = sorted({header for table in positions.values() for header in table.values()})
+    numeric = numeric_headers(items for items in questions.values())
+    rng = random.Random(seed)
+    result = {}
+    for split, items in questions.items():
+        headers_of: dict[str, list[str]] = {}
+        rows = []
+        for sentence, query in items:
+            table_id = sentence["table-id"]
+            row = rebuilt_row(sentence, query, headers_of, positions.get(table_id, {}), pool, numeric, rng)
+            if row is None:
+                skipped[split]["a condition that could not be read"] += 1
+                continue
+            row["source"] = f"wikisql {split} {table_id} (rebuilt)"
+            rows.append(row)
+        result[split] = (rows, skipped[split])
+    return result
+
+
+def numeric_headers(splits) -> set[str]:
+    """Headers that questions mostly aggregate with MAX/MIN/SUM/AVG or compare with a bare number: typed REAL
+    in every table that has them, so that a column's type never says whether this question uses it."""
+    votes = Counter()
+    for items in splits:
+        for sentence, query in items:
+            if query.group(1) in ("MAX", "MIN", "SUM", "AVG"):
+                votes[field_header(query.group(2))] += 1
+            for condition in map(_REBUILT_CONDITION.match, (query.group(3) or "").split(" AND ")):
+                if condition:
+                    votes[field_header(condition.group(1))] += 1 if re.fullmatch(r"var\d+|-?\d+(\.\d+)?",
+                                                                                 condition.group(3)) else -1
+    return {header for header, vote in votes.items() if vote > 0}
+
+
+def rebuilt_row(sentence: dict, query, headers_of: dict, known: dict[int, str], pool: list[str], numeric: set[str],
+                rng) -> dict | None:
+    """One question over its rebuilt table (made once per table: every question of it sees the same one)."""
+    table_id = sentence["table-id"]
+    fields = [field_header(query.group(2))]
+    conditions = []
+    for text in (query.group(3) or "").split(" AND ") if query.group(3) else []:
+        condition = _REBUILT_CONDITION.match(text)
+        if condition is None:
+            return None
+        value = condition.group(3)
+        variable = re.fullmatch(r'("?)(var\d+)"?', value)
+        if variable:
+            if variable.group(2) not in sentence["variables"]:
+                return None
+            quoted, value = bool(variable.group(1)), sentence["variables"][variable.group(2)]
+        else:
+            quoted, value = value.startswith('"'), value.strip('"')
+        fields.append(field_header(condition.group(1)))
+        conditions.append((fields[-1], condition.group(2), value, quoted))
+    if table_id not in headers_of:
+        width = max([*known, -1]) + 1 + rng.randint(*EXTRA_COLUMNS)
+        taken = set(known.values())
+        headers = []
+        for index in range(width):
+            header = known.get(index)
+            if header is None:
+                header = rng.choice([h for h in rng.sample(pool, 8) if h not in taken] or pool)
+                taken.add(header)
+            headers.append(header)
+        headers_of[table_id] = headers
+    headers = headers_of[table_id]
+    for field in fields:  # a header known only from a question that shares its query: after the known ones
+        if field not in headers:
+            headers.insert(rng.randint(0, len(headers)), field)
+    names = dict(zip(headers, column_names(headers)))
+    name = table_name(table_id)
+    selected = names[fields[0]]
+    aggregate = query.group(1)
+    answer = f"SELECT {aggregate}({selected})" if aggregate else f"SELECT {selected}"
+    answer += f" FROM {name}"
+    if conditions:
+        answer += " WHERE " + " AND ".join(f"{names[field]} {op} {sql_literal(value, not quoted)}"
+                                          for field, op, value, quoted in conditions)
+    types = {header: "REAL" if header in numeric else "VARCHAR" for header in headers}
+    context = f"CREATE TABLE {name} ({', '.join(f'{names[h]} {types[h]}' for h in headers)})"
+    return {"context": context, "question": " ".join(sentence["original"].split()), "answer": answer}
 
 
 SPIDER_FILES = {"train": ("train_spider.json",), "dev": ("dev.json",), "test": ("test.json",)}
@@ -216,6 +362,18 @@ def main(argv: list[str] | None = None) -> int:
         if name == "wikisql":
             command.add_argument("--sample-rows", type=int, default=0, metavar="N",
                                  help="show the table's first N rows after its CREATE TABLE, in a comment")
+    rebuilt = commands.add_parser("wikisql-rebuilt", help="WikiSQL questions with their tables rebuilt "
+                                                          "(jkkummerfeld/text2sql-data's data/wikisql.json.bz2)")
+    rebuilt.add_argument("source", type=Path, help="wikisql.json or wikisql.json.bz2")
+    rebuilt.add_argument("--out", type=Path, required=True, help="folder for <split>.jsonl")
+    rebuilt.add_argument("--splits", default="train", help="comma-separated splits to write (default train; dev "
+                                                          "and test come whole from the tables files)")
+    rebuilt.add_argument("--pruned", action="store_true", help="as for wikisql")
+    generated = commands.add_parser("generated", help="the embedded generator's real-table rows as a file")
+    generated.add_argument("--rows", type=int, required=True)
+    generated.add_argument("--seed", type=int, default=0)
+    generated.add_argument("--sample-rows", type=int, default=0, metavar="N", help="as for wikisql")
+    generated.add_argument("--out", type=Path, required=True, help="folder for train.jsonl")
     check = commands.add_parser("check", help="the schema leak check of SQL jsonl files")
     check.add_argument("files", type=Path, nargs="+")
     args = parser.parse_args(argv)
@@ -225,16 +383,31 @@ def main(argv: list[str] | None = None) -> int:
             result = check_schemas(read_jsonl(path))
             print(f"{path}: {json.dumps(result.as_dict())}")
         return 0
-    if not args.clone.is_dir():
+    if args.command == "generated":
+        import random
+
+        from lib.tasks.sql_wiki import wiki_row
+
+        rng = random.Random(args.seed)
+        rows = [{**wiki_row(rng, args.sample_rows), "source": f"generator seed {args.seed}"} for _ in range(args.rows)]
+        splits = {"train": (rows, Counter())}
+    elif args.command == "wikisql-rebuilt":
+        if not args.source.is_file():
+            print(f"error: {args.source} is not a file (data/wikisql.json.bz2 of a clone of "
+                  "jkkummerfeld/text2sql-data)", file=sys.stderr)
+            return 2
+        splits = rebuilt_splits(args.source, tuple(args.splits.split(",")))
+    elif not args.clone.is_dir():
         print(f"error: {args.clone} is not a folder (clone the public repository first)", file=sys.stderr)
         return 2
-    splits = wikisql_splits(args.clone, args.sample_rows) if args.command == "wikisql" else spider_splits(args.clone)
+    else:
+        splits = wikisql_splits(args.clone, args.sample_rows) if args.command == "wikisql" else spider_splits(args.clone)
     if not splits:
         print(f"error: no {args.command} files found below {args.clone} (see --help for the names looked for)",
               file=sys.stderr)
         return 2
     for split, (rows, skipped) in splits.items():
-        if args.pruned:
+        if getattr(args, "pruned", False):
             rows = [prune_schema(row) for row in rows]
         write_split(rows, args.out / f"{split}.jsonl")
         print(summary(split, rows, skipped), flush=True)

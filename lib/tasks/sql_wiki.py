@@ -182,6 +182,7 @@ AGGREGATE_WORDS = {
     "AVG": ("what is the average", "what is the mean", "what average"),
     "SUM": ("what is the total", "what is the sum of", "how much"),
 }
+AGGREGATE_NOUN = {"of": "total", "much": "total", "many": "total number of"}  # "... had what total Points?"
 GREATER = ("larger than", "greater than", "more than", "over", "higher than", "bigger than", "above")
 LESS = ("smaller than", "less than", "fewer than", "under", "lower than", "below")
 YEAR_GREATER, YEAR_LESS = ("after", "later than"), ("before", "earlier than")
@@ -229,8 +230,9 @@ def ask(rng, select: Header, aggregate: str, conditions: list[str]) -> str:
     where = join_conditions(rng, conditions)
     if aggregate:
         lead = rng.choice(AGGREGATE_WORDS[aggregate])
+        noun = AGGREGATE_NOUN.get(lead.split()[-1], lead.split()[-1])
         forms = (f"{lead} {target} when {where}?", f"{lead} {target} with {where}?",
-                 f"{lead} {target} that has {where}?", f"{where} had what {lead.split()[-1]} {target}?")
+                 f"{lead} {target} that has {where}?", f"{where} had what {noun} {target}?")
         if aggregate == "COUNT":
             forms += (f"how many {target} have {where}?", f"how many {target} are there for {where}?",
                       f"name the number of {target} for {where}")
@@ -296,19 +298,40 @@ def whole_table(rng: random.Random) -> list[Header]:
     return headers
 
 
+SHORT_NAME_SKIP = {"no.", "the", "in", "of", "by", "to", "a", "(m)", "(kg)", "$", "%"}
+
+
 def loose_name(rng: random.Random, header: Header) -> str:
     """A header as a question names it: without its parenthesis or marks at times ("U.S. viewers (millions)"
-    -> "u.s. viewers", "No. in series" -> "number in series")."""
+    -> "u.s. viewers", "No. in series" -> "number in series"), or by one of its words ("Original air date" ->
+    "date", "Directed by" -> "directed"), as people ask about real tables: the model must find the column."""
     text = header.text
     if rng.random() < 0.3:
         text = re.sub(r"\s*\([^)]*\)", "", text) or text
     if rng.random() < 0.3:
         text = re.sub(r"\bNo\.", "number", text)
+    words = [word for word in text.split() if word.lower() not in SHORT_NAME_SKIP]
+    if len(words) > 1 and rng.random() < 0.25:
+        text = rng.choice((words[0], words[-1]))
     return text
 
 
-def wiki_row(rng: random.Random) -> dict:
-    """One question, its whole table and its query, in the shape of WikiSQL's rows."""
+def example_rows(rng: random.Random, headers: list[Header], count: int, wanted: dict[str, object]) -> str:
+    """` /* N example rows: a | b; ... */` as tools/sql_data.py --sample-rows shows a real table's first rows:
+    made-up cells, and half of the time one row holding a value the query looks for, as the table holds it."""
+    rows = [[header.values(rng) for header in headers] for _ in range(count)]
+    if wanted and rng.random() < 0.5:
+        row = rng.choice(rows)
+        for index, header in enumerate(headers):
+            if header.column in wanted:
+                row[index] = wanted[header.column]
+    cells = "; ".join(" | ".join(str(cell) for cell in row) for row in rows)
+    return f" /* {count} example rows: {cells} */"
+
+
+def wiki_row(rng: random.Random, sample_rows: int = 0) -> dict:
+    """One question, its whole table and its query, in the shape of WikiSQL's rows (with the table's first
+    `sample_rows` rows shown after its CREATE TABLE)."""
     headers = whole_table(rng)
     weights = [weight for _, weight in AGGREGATES]
     aggregate = rng.choices([name for name, _ in AGGREGATES], weights)[0]
@@ -322,7 +345,7 @@ def wiki_row(rng: random.Random) -> dict:
     count = rng.choices((1, 2, 3, 4), (70, 22, 6, 2))[0]
     chosen = rng.sample(others, min(count, len(others)))
     original_case = rng.random() < 0.35  # table_<id>_<n> rows keep the page's capitals
-    conditions, clauses = [], []
+    conditions, clauses, wanted = [], [], {}
     for header in chosen:
         value = header.values(rng)
         op = "="
@@ -332,6 +355,8 @@ def wiki_row(rng: random.Random) -> dict:
         if original_case and isinstance(value, str):
             text = value.title() if rng.random() < 0.7 else value.upper() if len(value) < 8 else value
             value = text
+        if op == "=":
+            wanted[header.column] = value.title() if isinstance(value, str) else value
         conditions.append(condition_phrase(rng, header, op, text))
         clauses.append(f"{header.column} {op} {sql_value(value, op)}")
     question = ask(rng, select, aggregate, conditions)
@@ -341,8 +366,9 @@ def wiki_row(rng: random.Random) -> dict:
         f"table_name_{rng.randint(1, 99)}"
     selected = f"{aggregate}({select.column})" if aggregate else select.column
     columns = [f"{h.column} {'REAL' if h.numeric and rng.random() < REAL_SHARE else 'VARCHAR'}" for h in headers]
+    shown = example_rows(rng, headers, sample_rows, wanted) if sample_rows else ""
     return {
-        "context": f"CREATE TABLE {table} ({', '.join(columns)})",
+        "context": f"CREATE TABLE {table} ({', '.join(columns)}){shown}",
         "question": question,
         "answer": f"SELECT {selected} FROM {table} WHERE {' AND '.join(clauses)}",
     }
