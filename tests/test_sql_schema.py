@@ -186,3 +186,55 @@ def test_the_tool_names_a_missing_clone(tmp_path):
     (tmp_path / "empty").mkdir()
     done = run_tool("wikisql", tmp_path / "empty", "--out", tmp_path / "out")
     assert done.returncode == 2 and "no wikisql files" in done.stderr
+
+
+JK_ENTRIES = [  # github jkkummerfeld/text2sql-data's data/wikisql.json format
+    {"sentences": [{"original": "Tell me what the notes are for South Australia ", "question-split": "train",
+                    "table-id": "1-1000181-1", "text": "Tell me what the notes are for var0",
+                    "variables": {"var0": "SOUTH AUSTRALIA"}}],
+     "sql": ['SELECT TABLEalias0.NOTES_FIELD FROM TABLE AS TABLEalias0 WHERE TABLEalias0.CURRENT_SLOGAN_FIELD = "var0" ;'],
+     "sql-original": ["SELECT  col5 FROM table WHERE col3 = SOUTH AUSTRALIA"]},
+    {"sentences": [{"original": "Most points with a rank under 7 and group a?", "question-split": "train",
+                    "table-id": "1-1000181-1", "text": "Most points with a rank under var1 and group var0 ?",
+                    "variables": {"var0": "a", "var1": "7"}}],
+     "sql": ['SELECT MAX TABLEalias0.POINTS_FIELD FROM TABLE AS TABLEalias0 WHERE TABLEalias0.RANK_FIELD < var1 '
+             'AND TABLEalias0.GROUP_FIELD = "var0" ;'],
+     "sql-original": ["SELECT MAX col7 FROM table WHERE col0 = a AND col1 < 7"]},
+    {"sentences": [{"original": "A dev question", "question-split": "dev", "table-id": "1-99-1", "text": "x",
+                    "variables": {}}],
+     "sql": ["SELECT TABLEalias0.A_FIELD FROM TABLE AS TABLEalias0 ;"], "sql-original": ["SELECT  col0 FROM table"]},
+]
+
+
+def test_rebuilt_wikisql_tables_keep_known_headers_at_their_positions(tmp_path):
+    import bz2
+
+    source = tmp_path / "wikisql.json.bz2"
+    source.write_bytes(bz2.compress(json.dumps(JK_ENTRIES).encode()))
+    done = run_tool("wikisql-rebuilt", source, "--out", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    assert "train: 2 rows" in done.stdout and not (tmp_path / "out" / "dev.jsonl").exists()  # train only
+    first, second = read(tmp_path / "out" / "train.jsonl")
+    assert first["context"] == second["context"]  # one table, the same for each of its questions
+    columns = [part.split()[0] for part in first["context"].split("(", 1)[1].rstrip(")").split(", ")]
+    assert len(columns) >= 8 and len(set(columns)) == len(columns)
+    assert (columns[0], columns[1], columns[3], columns[5], columns[7]) == ("group_", "rank", "current_slogan",
+                                                                            "notes", "points")
+    assert first["answer"] == 'SELECT notes FROM table_1000181_1 WHERE current_slogan = "SOUTH AUSTRALIA"'
+    assert second["answer"] == 'SELECT MAX(points) FROM table_1000181_1 WHERE rank < 7 AND group_ = "a"'
+    assert "points REAL" in first["context"] and "rank REAL" in first["context"] and "notes VARCHAR" in first["context"]
+    assert first["question"] == "Tell me what the notes are for South Australia"
+    assert all(run_query(row["context"], row["answer"], row["answer"]) is not None for row in (first, second))
+    assert len(unused_columns(first)) >= 6
+
+
+def test_generated_rows_with_example_rows(tmp_path):
+    done = run_tool("generated", "--rows", "50", "--sample-rows", "3", "--out", tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = read(tmp_path / "train.jsonl")
+    assert len(rows) == 50 and all(" /* 3 example rows: " in row["context"] for row in rows)
+    for row in rows:
+        assert run_query(row["context"], row["answer"], row["answer"]) is not None
+        width = len(schema_tables(row["context"])[next(iter(schema_tables(row["context"])))])
+        shown = row["context"].split(" /* 3 example rows: ")[1].rstrip(" */").split("; ")
+        assert len(shown) == 3 and all(len(line.split(" | ")) == width for line in shown)

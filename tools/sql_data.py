@@ -195,8 +195,9 @@ def rebuilt_splits(path: Path, splits: tuple[str, ...], seed: int = 0) -> dict[s
                 continue
             questions[split].append((sentence, query))
         original = _ORIGINAL_QUERY.match(entry["sql-original"][0])
-        if query is None or original is None or len(entry["sentences"]) != 1:
-            continue  # an index is tied to a name only where one question shares the query
+        if query is None or original is None or len(entry["sentences"]) != 1 \
+                or entry["sentences"][0]["question-split"] not in questions:
+            continue  # an index is tied to a name only where one question shares the query; other splits untouched
         table = positions.setdefault(entry["sentences"][0]["table-id"], {})
         table[int(original.group(1))] = field_header(query.group(2))
         indices = re.findall(r"(?:^|\s)col(\d+) [=<>] ", original.group(2) or "")
@@ -266,7 +267,8 @@ def rebuilt_row(sentence: dict, query, headers_of: dict, known: dict[int, str], 
         for index in range(width):
             header = known.get(index)
             if header is None:
-                header = rng.choice([h for h in rng.sample(pool, 8) if h not in taken] or pool)
+                candidates = [h for h in rng.sample(pool, min(8, len(pool))) if h not in taken]
+                header = rng.choice(candidates) if candidates else f"column {index + 1}"
                 taken.add(header)
             headers.append(header)
         headers_of[table_id] = headers
