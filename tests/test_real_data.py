@@ -287,9 +287,16 @@ def test_quality_json_rows_carry_what_a_reader_needs():
         assert {"task", "model", "trained_on", "evaluated_on", "recipe", "metrics", "date", "device", "command"} <= set(row)
         assert {"source", "rows"} <= set(row["trained_on"]) and {"source", "split", "rows"} <= set(row["evaluated_on"])
         assert row["evaluated_on"]["split"] == "dev" and {"base", "adapter"} <= set(row["metrics"])
-    for task in ("sql", "detox", "instruction"):
+    for task in ("detox", "instruction"):
         kinds = {(row["recipe"], row["trained_on"]["source"] == "embedded generator") for row in rows if row["task"] == task}
         assert {("gpu", False), ("gpu", True), ("cpu", False)} <= kinds, task
+    sql = [row for row in rows if row["task"] == "sql"]
+    assert {(row["recipe"], row["trained_on"]["source"] == "embedded generator") for row in sql} >= {("cpu", False),
+                                                                                                 ("cpu", True)}
+    for row in sql:  # SQL figures stand only on whole tables: each row carries its dev file's leak check
+        assert row["evaluated_on"]["schemas"] == "full schemas"
+        leak = row["evaluated_on"]["leak_check"]
+        assert not leak["looks_pruned"] and leak["unused_share"] >= 0.5 and leak["rows"] == row["evaluated_on"]["rows"]
 
 
 # ---- one run per run folder at a time ---------------------------------------------------------------------
