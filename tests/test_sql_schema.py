@@ -2,6 +2,7 @@
 small fixtures in the public files' formats, and the warning for pruned dev rows."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,24 +31,49 @@ def test_unused_columns_of_a_whole_table_and_of_its_pruned_form():
     assert pruned["answer"] == WHOLE["answer"] and pruned["question"] == WHOLE["question"]
 
 
-def test_values_and_keywords_do_not_count_as_used_columns():
+def test_values_and_function_names_do_not_count_as_used_columns():
     row = {"context": "CREATE TABLE t (name VARCHAR, paris VARCHAR, count REAL)",
-           "answer": 'SELECT COUNT(*) FROM t WHERE name = "paris"'}
-    assert unused_columns(row) == ["paris"]  # "paris" is only a value; COUNT(*) names the count column
-    assert schema_tables("CREATE TABLE a (x INTEGER, y DECIMAL(10, 2), PRIMARY KEY (x)); CREATE TABLE b (z TEXT)") \
-        == {"a": ["x", "y"], "b": ["z"]}
+           "answer": "SELECT COUNT(*) FROM t WHERE name = 'paris' -- paris"}
+    assert unused_columns(row) == ["paris", "count"]  # a value, a function name and a comment name no column
+    quoted = {"context": 'CREATE TABLE t (name VARCHAR, paris VARCHAR)', "answer": 'SELECT name FROM t WHERE paris = "x"'}
+    assert unused_columns(quoted) == []  # "x" is a text here; a double-quoted column name is the column in SQLite
+    assert unused_columns({**quoted, "answer": 'SELECT "Name" FROM t'}) == ["paris"]
+    assert unused_columns({**quoted, "answer": "SELECT * FROM t WHERE name = 'a'"}) == []
+
+
+@pytest.mark.parametrize("context, tables", [
+    ("CREATE TABLE a (x INTEGER, y DECIMAL(10, 2), PRIMARY KEY (x)); CREATE TABLE b (z TEXT)",
+     {"a": ["x", "y"], "b": ["z"]}),
+    ("CREATE TABLE a (x INT)\nCREATE TABLE b (y INT, z INT)", {"a": ["x"], "b": ["y", "z"]}),  # no ";" between
+    ('CREATE TABLE IF NOT EXISTS "Music Keys" ("Song Title" TEXT, key TEXT, UNIQUE (key))',
+     {"music keys": ["song title", "key"]}),  # a column named key is a column
+    ("CREATE TABLE t (a VARCHAR) /* 2 example rows: (x) | y; z */", {"t": ["a"]}),
+    ("no schema here", {}),
+])
+def test_schemas_are_read_in_the_forms_they_come(context, tables):
+    assert schema_tables(context) == tables
+
+
+def test_rows_without_a_readable_schema_are_counted_apart():
+    unreadable = {"context": "tables: t(a, b)", "answer": "SELECT a FROM t"}
+    check = check_schemas([WHOLE, unreadable])
+    assert (check.unreadable, check.unused_share, check.looks_pruned) == (1, 1.0, False)
+    nothing = check_schemas([unreadable] * 3)
+    assert not nothing.looks_pruned and "none of the 3 rows" in pruned_warning(nothing)
 
 
 def test_only_the_queried_tables_count():
     row = {"context": "CREATE TABLE people (name VARCHAR, age INTEGER); CREATE TABLE pets (kind VARCHAR, legs INTEGER)",
            "answer": "SELECT name FROM people WHERE age > 3"}
     assert unused_columns(row) == []  # the unrelated table's columns are not the answer's to use
+    assert prune_schema({**row, "answer": "SELECT name FROM people"})["context"] == (
+        "CREATE TABLE people (name VARCHAR); CREATE TABLE pets (kind VARCHAR, legs INTEGER)")
 
 
 def test_check_measures_the_share_and_calls_a_pruned_file_pruned():
     pruned = [prune_schema(WHOLE)] * 3
     check = check_schemas(pruned + [WHOLE])
-    assert (check.rows, check.rows_with_unused, check.unused_share) == (4, 1, 0.25)
+    assert (check.rows, check.rows_with_unused, check.unused_share, check.unreadable) == (4, 1, 0.25, 0)
     assert check.looks_pruned and check.unused_share < PRUNED_BELOW
     assert "look pruned" in pruned_warning(check, "dev.jsonl") and "25%" in pruned_warning(check)
     whole = check_schemas([WHOLE] * 3 + pruned[:1])
@@ -73,7 +99,11 @@ def test_generated_wiki_schemas_are_not_typed_by_what_the_query_does():
     do not give. Here a numeric column is REAL or VARCHAR whatever the query does with it."""
     rows = [row for row in SQL.generate(1500, seed=5) if row["context"].startswith("CREATE TABLE table_")]
     aggregated = [row for row in rows if any(f"{f}(" in row["answer"] for f in ("MAX", "MIN", "AVG", "SUM"))]
-    assert aggregated
+    selected = [re.search(r"\((\w+)\)", row["answer"]).group(1) for row in aggregated]
+    selected_types = [re.search(r"\b" + column + r" (\w+)", row["context"]).group(1)
+                      for column, row in zip(selected, aggregated)]
+    varchar_share = selected_types.count("VARCHAR") / len(selected_types)
+    assert 0.05 < varchar_share < 0.5, varchar_share  # an aggregated column is typed as numeric columns are
     reals_unused = sum(" REAL" in row["context"] and any(
         f"{column} REAL" in row["context"] for column in unused_columns(row)) for row in rows)
     assert reals_unused > len(rows) // 4  # numeric columns the query never touches are typed like used ones
@@ -238,3 +268,53 @@ def test_generated_rows_with_example_rows(tmp_path):
         width = len(schema_tables(row["context"])[next(iter(schema_tables(row["context"])))])
         shown = row["context"].split(" /* 3 example rows: ")[1].rstrip(" */").split("; ")
         assert len(shown) == 3 and all(len(line.split(" | ")) == width for line in shown)
+
+
+def test_names_stay_distinct_and_values_stay_values():
+    from tools.sql_data import column_names, sql_literal
+
+    assert column_names(["Pts", "Pts", "Pts 2", "Group", "1st leg", ""]) == ["pts", "pts_2", "pts_2_2", "group_",
+                                                                            "_1st_leg", "col6"]
+    names = ["report", "driver"]
+    assert sql_literal("Report", False, names) == "'Report'"  # "Report" would be the column in SQLite
+    assert sql_literal('5" tall \'x\'', False, names) == "'5\" tall ''x'''"
+    assert sql_literal("7", True) == "7" and sql_literal("7", False) == '"7"' and sql_literal(7.5, False) == "7.5"
+    context = "CREATE TABLE t (report VARCHAR, driver VARCHAR)"
+    for value in ("Report", '5" tall \'x\''):
+        answer = f"SELECT driver FROM t WHERE report = {sql_literal(value, False, names)}"
+        assert run_query(context, answer, answer) is not None
+
+
+def test_a_rebuilt_table_is_one_table_for_all_its_questions_even_with_repeated_headers(tmp_path):
+    entries = [
+        {"sentences": [{"original": "Score when the team is lions?", "question-split": "train", "table-id": "1-7-1",
+                        "variables": {"var0": "lions"}}],
+         "sql": ['SELECT TABLEalias0.SCORE_FIELD FROM TABLE AS TABLEalias0 WHERE TABLEalias0.TEAM_FIELD = "var0" ;'],
+         "sql-original": ["SELECT  col2 FROM table WHERE col1 = lions"]},
+        {"sentences": [{"original": "Team with score 3?", "question-split": "train", "table-id": "1-7-1",
+                        "variables": {"var0": "3"}}],
+         "sql": ['SELECT TABLEalias0.TEAM_FIELD FROM TABLE AS TABLEalias0 WHERE TABLEalias0.SCORE_FIELD = "var0" ;'],
+         "sql-original": ["SELECT  col1 FROM table WHERE col0 = 3"]},
+        {"sentences": [  # one query shared by two questions: names known, positions not
+            {"original": "Venue of a crowd of 5?", "question-split": "train", "table-id": "1-7-1", "variables": {"var0": "5"}},
+            {"original": "Venue of a crowd of 9?", "question-split": "train", "table-id": "1-8-1", "variables": {"var0": "9"}}],
+         "sql": ["SELECT TABLEalias0.VENUE_FIELD FROM TABLE AS TABLEalias0 WHERE TABLEalias0.CROWD_FIELD = var0 ;"],
+         "sql-original": ["SELECT  col4 FROM table WHERE col3 = 5"]},
+    ]
+    source = tmp_path / "wikisql.json"
+    source.write_text(json.dumps(entries))
+    assert run_tool("wikisql-rebuilt", source, "--out", tmp_path / "out").returncode == 0
+    rows = read(tmp_path / "out" / "train.jsonl")
+    assert len(rows) == 4 and rows[0]["context"] == rows[1]["context"] == rows[2]["context"]  # one table for 1-7-1
+    assert schema_tables(rows[0]["context"])["table_7_1"][:3] == ["score", "team", "score_2"]  # both "score"s
+    assert rows[0]["answer"] == 'SELECT score FROM table_7_1 WHERE team = "lions"'
+    assert "venue" in schema_tables(rows[0]["context"])["table_7_1"] and "crowd REAL" in rows[0]["context"]
+    assert rows[2]["answer"] == "SELECT venue FROM table_7_1 WHERE crowd = 5"
+    for row in rows:
+        assert run_query(row["context"], row["answer"], row["answer"]) is not None, row
+
+
+def test_the_test_split_is_scored_once_for_one_adapter():
+    done = subprocess.run([sys.executable, "tools/recipe_study.py", "--task", "sql", "--variant", "a", "--variant", "b",
+                           "--test", "test.jsonl"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "one --variant" in done.stderr

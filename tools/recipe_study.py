@@ -95,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", default="runs/recipe-study")
     parser.add_argument("--out", default="docs/quality_runs.jsonl")
     args = parser.parse_args(argv)
+    if args.test and len(args.variant) > 1:
+        parser.error("--test scores one final adapter once: give one --variant (choose among variants on dev rows)")
+    if args.test_rows < 1:
+        parser.error("--test-rows must be at least 1")
     for text in args.variant:
         name, overrides = parse_variant(text)
         row = run_variant(args, name, overrides)

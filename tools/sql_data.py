@@ -18,9 +18,12 @@ answer), `question` and `answer` (SQLite), plus `source` (set, split, table or d
 
 Public copies of WikiSQL's train split whose tables files can be fetched are rare; `wikisql-rebuilt` takes
 the copy in github jkkummerfeld/text2sql-data (`data/wikisql.json.bz2`: every question of every split with its
-query by column index and by header name) and rebuilds each train table: the headers its questions use, at
-their published positions, and the positions no question names filled with headers of other real train tables
-(the widening the leak check asks for: a whole-looking table, most columns unused).
+query by column index and by header name) and rebuilds each table of the split once: the headers its questions
+use at their published positions (where a question alone has the query, which ties index to name), the other
+positions filled with headers of other real tables of the same split, and headers known only by name placed
+at random (the widening the issue suggests: a whole-looking table, most columns unused). Its limit: a filler
+comes from an unrelated table, so the unused columns are often off the table's topic, where a real table's
+are not; the leak check cannot see that, the whole-table dev rows can.
 
 Column names follow sql-create-context (`School/Club Team` -> `school_club_team`, `Win %` ->
 `win__percentage`) and are made valid SQLite names where that set's are not (`1st leg` -> `_1st_leg`,
@@ -61,15 +64,18 @@ SAMPLE_VALUE_CHARS = 40  # a shown cell longer than this is cut
 
 def column_names(headers: list[str]) -> list[str]:
     """Valid, distinct SQLite names for a table's headers, sql-create-context's where those are valid."""
-    names, seen = [], Counter()
+    names = []
     for index, header in enumerate(headers):
         name = column_name(header).strip() or f"col{index + 1}"
         if name[0].isdigit():
             name = "_" + name
         if name in RESERVED:
             name += "_"
-        seen[name] += 1
-        names.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+        unique, count = name, 1
+        while unique in names:
+            count += 1
+            unique = f"{name}_{count}"
+        names.append(unique)
     return names
 
 
@@ -78,13 +84,18 @@ def table_name(table_id: str) -> str:
     return "table_" + re.sub(r"\W", "_", table_id.split("-", 1)[-1])
 
 
-def sql_literal(value, numeric_column: bool) -> str:
+def sql_literal(value, numeric_column: bool, columns: list[str] = ()) -> str:
+    """A value as the query writes it: a number bare, a text double-quoted as sql-create-context does, single-
+    quoted where double quotes would not make a text (it holds one, or it is a column's name, which SQLite
+    would read as that column)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(int(value)) if float(value).is_integer() else repr(float(value))
     text = str(value).strip()
     if numeric_column and re.fullmatch(r"-?\d+(\.\d+)?", text):
         return text
-    return f'"{text}"' if '"' not in text else f"'{text}'"
+    if '"' in text or text.lower() in columns:
+        return "'" + text.replace("'", "''") + "'"
+    return f'"{text}"'
 
 
 def sample_comment(rows: list[list], count: int) -> str:
@@ -106,7 +117,7 @@ def wikisql_row(question: dict, table: dict, sample_rows: int) -> dict:
     aggregate = AGGREGATES[sql["agg"]]
     answer = f"SELECT {aggregate}({selected})" if aggregate else f"SELECT {selected}"
     answer += f" FROM {name}"
-    clauses = [f"{names[column]} {OPERATORS[op]} {sql_literal(value, types[column] == 'REAL')}"
+    clauses = [f"{names[column]} {OPERATORS[op]} {sql_literal(value, types[column] == 'REAL', names)}"
                for column, op, value in sql["conds"]]
     if clauses:
         answer += " WHERE " + " AND ".join(clauses)
@@ -135,7 +146,9 @@ def wikisql_splits(root: Path, sample_rows: int) -> dict[str, tuple[list[dict], 
     for split in SPLITS:
         for stem in (split, f"{split}_zs"):
             questions = find_file(root, (f"{stem}.jsonl",))
-            tables = find_file(root, (f"{stem}.tables.jsonl", f"{stem}_tables.jsonl"))
+            tables = questions and next((questions.parent / name for name in (f"{stem}.tables.jsonl",
+                                                                              f"{stem}_tables.jsonl")
+                                         if (questions.parent / name).is_file()), None)  # beside its questions
             if questions is not None and tables is not None:
                 break
         else:
@@ -177,76 +190,16 @@ def read_rebuilt_source(path: Path) -> list[dict]:
 
 
 def rebuilt_splits(path: Path, splits: tuple[str, ...], seed: int = 0) -> dict[str, tuple[list[dict], Counter]]:
-    """{split: (rows, skipped)} with each table rebuilt from what the questions of its split name."""
-    import random
-
+    """{split: (rows, skipped)}, each split's tables rebuilt from what that split's questions name alone."""
     entries = read_rebuilt_source(path)
-    positions: dict[str, dict[int, str]] = {}  # table id -> {column index: header}
-    questions: dict[str, list] = {split: [] for split in splits}
-    skipped = {split: Counter() for split in splits}
-    for entry in entries:
-        query = _REBUILT_QUERY.match(entry["sql"][0])
-        for sentence in entry["sentences"]:
-            split = sentence["question-split"]
-            if split not in questions:
-                continue
-            if query is None:
-                skipped[split]["a query not in the single-table form"] += 1
-                continue
-            questions[split].append((sentence, query))
-        original = _ORIGINAL_QUERY.match(entry["sql-original"][0])
-        if query is None or original is None or len(entry["sentences"]) != 1 \
-                or entry["sentences"][0]["question-split"] not in questions:
-            continue  # an index is tied to a name only where one question shares the query; other splits untouched
-        table = positions.setdefault(entry["sentences"][0]["table-id"], {})
-        table[int(original.group(1))] = field_header(query.group(2))
-        indices = re.findall(r"(?:^|\s)col(\d+) [=<>] ", original.group(2) or "")
-        conditions = [_REBUILT_CONDITION.match(c) for c in (query.group(3) or "").split(" AND ")] if query.group(3) else []
-        for condition in conditions:
-            variable = re.fullmatch(r'"?var(\d+)"?', condition.group(3)) if condition else None
-            if variable and int(variable.group(1)) < len(indices):
-                table[int(indices[int(variable.group(1))])] = field_header(condition.group(1))
-    pool = sorted({header for table in positions.values() for header in table.values()})
-    numeric = numeric_headers(items for items in questions.values())
-    rng = random.Random(seed)
-    result = {}
-    for split, items in questions.items():
-        headers_of: dict[str, list[str]] = {}
-        rows = []
-        for sentence, query in items:
-            table_id = sentence["table-id"]
-            row = rebuilt_row(sentence, query, headers_of, positions.get(table_id, {}), pool, numeric, rng)
-            if row is None:
-                skipped[split]["a condition that could not be read"] += 1
-                continue
-            row["source"] = f"wikisql {split} {table_id} (rebuilt)"
-            rows.append(row)
-        result[split] = (rows, skipped[split])
-    return result
+    return {split: rebuilt_split(entries, split, seed) for split in splits}
 
 
-def numeric_headers(splits) -> set[str]:
-    """Headers that questions mostly aggregate with MAX/MIN/SUM/AVG or compare with a bare number: typed REAL
-    in every table that has them, so that a column's type never says whether this question uses it."""
-    votes = Counter()
-    for items in splits:
-        for sentence, query in items:
-            if query.group(1) in ("MAX", "MIN", "SUM", "AVG"):
-                votes[field_header(query.group(2))] += 1
-            for condition in map(_REBUILT_CONDITION.match, (query.group(3) or "").split(" AND ")):
-                if condition:
-                    votes[field_header(condition.group(1))] += 1 if re.fullmatch(r"var\d+|-?\d+(\.\d+)?",
-                                                                                 condition.group(3)) else -1
-    return {header for header, vote in votes.items() if vote > 0}
-
-
-def rebuilt_row(sentence: dict, query, headers_of: dict, known: dict[int, str], pool: list[str], numeric: set[str],
-                rng) -> dict | None:
-    """One question over its rebuilt table (made once per table: every question of it sees the same one)."""
-    table_id = sentence["table-id"]
-    fields = [field_header(query.group(2))]
+def parse_question(sentence: dict, query: re.Match) -> tuple | None:
+    """(aggregate, selected header, [(header, op, value, quoted)]) of one question, None when a condition
+    cannot be read."""
     conditions = []
-    for text in (query.group(3) or "").split(" AND ") if query.group(3) else []:
+    for text in query.group(3).split(" AND ") if query.group(3) else []:
         condition = _REBUILT_CONDITION.match(text)
         if condition is None:
             return None
@@ -258,36 +211,103 @@ def rebuilt_row(sentence: dict, query, headers_of: dict, known: dict[int, str], 
             quoted, value = bool(variable.group(1)), sentence["variables"][variable.group(2)]
         else:
             quoted, value = value.startswith('"'), value.strip('"')
-        fields.append(field_header(condition.group(1)))
-        conditions.append((fields[-1], condition.group(2), value, quoted))
-    if table_id not in headers_of:
-        width = max([*known, -1]) + 1 + rng.randint(*EXTRA_COLUMNS)
-        taken = set(known.values())
-        headers = []
-        for index in range(width):
-            header = known.get(index)
-            if header is None:
-                candidates = [h for h in rng.sample(pool, min(8, len(pool))) if h not in taken]
-                header = rng.choice(candidates) if candidates else f"column {index + 1}"
-                taken.add(header)
-            headers.append(header)
-        headers_of[table_id] = headers
-    headers = headers_of[table_id]
-    for field in fields:  # a header known only from a question that shares its query: after the known ones
-        if field not in headers:
-            headers.insert(rng.randint(0, len(headers)), field)
-    names = dict(zip(headers, column_names(headers)))
-    name = table_name(table_id)
-    selected = names[fields[0]]
-    aggregate = query.group(1)
-    answer = f"SELECT {aggregate}({selected})" if aggregate else f"SELECT {selected}"
-    answer += f" FROM {name}"
+        conditions.append((field_header(condition.group(1)), condition.group(2), value, quoted))
+    return query.group(1) or "", field_header(query.group(2)), conditions
+
+
+def rebuilt_split(entries: list[dict], split: str, seed: int) -> tuple[list[dict], Counter]:
+    import random
+
+    positions: dict[str, dict[int, str]] = {}  # table id -> {column index: header}
+    parsed, skipped = [], Counter()
+    for entry in entries:
+        query = _REBUILT_QUERY.match(entry["sql"][0])
+        for sentence in entry["sentences"]:
+            if sentence["question-split"] != split:
+                continue
+            question = parse_question(sentence, query) if query else None
+            if question is None:
+                skipped["a query not in the single-table form" if query is None
+                        else "a condition that could not be read"] += 1
+                continue
+            parsed.append((sentence, question))
+        original = _ORIGINAL_QUERY.match(entry["sql-original"][0])
+        if query is None or original is None or len(entry["sentences"]) != 1 \
+                or entry["sentences"][0]["question-split"] != split:
+            continue  # an index is tied to a name only where one question shares the query; other splits untouched
+        table = positions.setdefault(entry["sentences"][0]["table-id"], {})
+        table[int(original.group(1))] = field_header(query.group(2))
+        indices = re.findall(r"(?:^|\s)col(\d+) [=<>] ", original.group(2) or "")
+        for text in query.group(3).split(" AND ") if query.group(3) else []:
+            condition = _REBUILT_CONDITION.match(text)
+            variable = re.fullmatch(r'"?var(\d+)"?', condition.group(3)) if condition else None
+            if variable and int(variable.group(1)) < len(indices):
+                table[int(indices[int(variable.group(1))])] = field_header(condition.group(1))
+    named: dict[str, list[str]] = {}  # table id -> every header its questions name
+    for sentence, (_, selected, conditions) in parsed:
+        named.setdefault(sentence["table-id"], []).extend([selected, *(c[0] for c in conditions)])
+    pool = sorted({header for table in positions.values() for header in table.values()})
+    numeric = numeric_headers(question for _, question in parsed)
+    rng = random.Random(seed)
+    tables = {table_id: rebuilt_table(positions.get(table_id, {}), fields, pool, rng)
+              for table_id, fields in named.items()}
+    rows = []
+    for sentence, question in parsed:
+        row = rebuilt_row(sentence, question, tables[sentence["table-id"]], numeric)
+        row["source"] = f"wikisql {split} {sentence['table-id']} (rebuilt)"
+        rows.append(row)
+    return rows, skipped
+
+
+def numeric_headers(questions) -> set[str]:
+    """Headers that questions mostly aggregate with MAX/MIN/SUM/AVG or compare with a bare number: typed REAL
+    in every table that has them, so that a column's type never says whether this question uses it."""
+    votes = Counter()
+    for aggregate, selected, conditions in questions:
+        if aggregate in ("MAX", "MIN", "SUM", "AVG"):
+            votes[selected] += 1
+        for header, _, value, quoted in conditions:
+            votes[header] += -1 if quoted or not re.fullmatch(r"-?\d+(\.\d+)?", str(value).strip()) else 1
+    return {header for header, vote in votes.items() if vote > 0}
+
+
+def rebuilt_table(known: dict[int, str], named: list[str], pool: list[str], rng) -> list[str]:
+    """One table's headers, made once for all its questions: those known by position where they stand, the
+    other positions up to the last known one (and 0-3 more) filled with headers of other tables, then the
+    headers its questions name but no position says where (a query shared by several questions), each at a
+    random place."""
+    width = max([*known, -1]) + 1 + rng.randint(*EXTRA_COLUMNS)
+    taken = set(known.values()) | set(named)
+    headers = []
+    for index in range(width):
+        header = known.get(index)
+        if header is None:
+            candidates = [h for h in rng.sample(pool, min(8, len(pool))) if h not in taken]
+            header = rng.choice(candidates) if candidates else f"column {index + 1}"
+            taken.add(header)
+        headers.append(header)
+    for header in dict.fromkeys(named):
+        if header not in headers:
+            headers.insert(rng.randint(0, len(headers)), header)
+    return headers
+
+
+def rebuilt_row(sentence: dict, question: tuple, headers: list[str], numeric: set[str]) -> dict:
+    """One question over its rebuilt table; a header the table repeats is named by its first column."""
+    aggregate, selected, conditions = question
+    names = column_names(headers)
+    name_of = {}
+    for header, name in zip(headers, names):
+        name_of.setdefault(header, name)
+    table = table_name(sentence["table-id"])
+    answer = f"SELECT {aggregate}({name_of[selected]})" if aggregate else f"SELECT {name_of[selected]}"
+    answer += f" FROM {table}"
     if conditions:
-        answer += " WHERE " + " AND ".join(f"{names[field]} {op} {sql_literal(value, not quoted)}"
-                                          for field, op, value, quoted in conditions)
-    types = {header: "REAL" if header in numeric else "VARCHAR" for header in headers}
-    context = f"CREATE TABLE {name} ({', '.join(f'{names[h]} {types[h]}' for h in headers)})"
-    return {"context": context, "question": " ".join(sentence["original"].split()), "answer": answer}
+        answer += " WHERE " + " AND ".join(f"{name_of[header]} {op} {sql_literal(value, not quoted, names)}"
+                                          for header, op, value, quoted in conditions)
+    columns = ", ".join(f"{name} {'REAL' if header in numeric else 'VARCHAR'}" for header, name in zip(headers, names))
+    return {"context": f"CREATE TABLE {table} ({columns})", "question": " ".join(sentence["original"].split()),
+            "answer": answer}
 
 
 SPIDER_FILES = {"train": ("train_spider.json",), "dev": ("dev.json",), "test": ("test.json",)}
@@ -308,11 +328,15 @@ def spider_context(database: dict) -> str | None:
 
 
 def spider_splits(root: Path) -> dict[str, tuple[list[dict], Counter]]:
-    schema_file = find_file(root, ("tables.json",))
-    if schema_file is None:
+    """Spider's splits; the test databases are in test_tables.json where the release has one."""
+    contexts = {}
+    for name in ("tables.json", "test_tables.json"):
+        schema_file = find_file(root, (name,))
+        if schema_file is not None:
+            contexts.update({database["db_id"]: spider_context(database)
+                             for database in json.loads(schema_file.read_text(encoding="utf-8"))})
+    if not contexts:
         return {}
-    contexts = {database["db_id"]: spider_context(database)
-                for database in json.loads(schema_file.read_text(encoding="utf-8"))}
     splits = {}
     for split, names in SPIDER_FILES.items():
         path = find_file(root, names)

@@ -255,10 +255,12 @@ def capitalize(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def sql_value(value, op: str) -> str:
+def sql_value(value, columns: set[str] = frozenset()) -> str:
+    """Numbers bare, text double-quoted, single-quoted where SQLite would read the double-quoted text as a
+    column of the table (a Report column holding "report")."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
-    return f'"{value}"'
+    return f"'{value}'" if str(value).lower() in columns else f'"{value}"'
 
 
 # Columns real tables often carry besides their own, most of them never asked about; a table draws some to
@@ -358,7 +360,7 @@ def wiki_row(rng: random.Random, sample_rows: int = 0) -> dict:
         if op == "=":
             wanted[header.column] = value.title() if isinstance(value, str) else value
         conditions.append(condition_phrase(rng, header, op, text))
-        clauses.append(f"{header.column} {op} {sql_value(value, op)}")
+        clauses.append(f"{header.column} {op} {sql_value(value, {h.column for h in headers})}")
     question = ask(rng, select, aggregate, conditions)
     if question.startswith(QUESTION_WORDS) and rng.random() < 0.85:  # a value opening it keeps its case
         question = capitalize(question)
