@@ -102,9 +102,9 @@ def queried_columns(row: dict) -> list[str]:
     return [column for name in queried for column in tables[name]]
 
 
-def unused_columns(row: dict) -> list[str]:
-    """Columns of the tables the answer queries that the answer does not name."""
-    columns = queried_columns(row)
+def unused_columns(row: dict, columns: list[str] | None = None) -> list[str]:
+    """Columns of the tables the answer queries (`columns`, when already read) that the answer does not name."""
+    columns = queried_columns(row) if columns is None else columns
     words = query_identifiers(row["answer"], columns)
     return [column for column in columns if column not in words]
 
@@ -136,7 +136,7 @@ def check_schemas(rows: list[dict]) -> SchemaCheck:
         if not queried:
             unreadable += 1
             continue
-        missing = unused_columns(row)
+        missing = unused_columns(row, queried)
         columns += len(queried)
         unused += len(missing)
         with_unused += bool(missing)
